@@ -1,0 +1,87 @@
+"""Argument normalisation and validation shared by the MatConvNet reference.
+
+Every public function of ``harness.mcn`` accepts MatConvNet's option forms
+(scalars or short vectors) and turns them into tuples here, so that each op
+validates its arguments the same way and names the bad one in its error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "McnError",
+    "as_4d",
+    "float_dtype",
+    "is_empty",
+    "pad4",
+    "pair",
+]
+
+
+class McnError(ValueError):
+    """Bad input to the reference: the message names the argument (or layer and field)."""
+
+
+def is_empty(a: Any) -> bool:
+    """MATLAB's ``isempty``: None or an array with no elements."""
+    return a is None or np.size(a) == 0
+
+
+def float_dtype(x: np.ndarray, name: str = "x") -> np.dtype:
+    """The floating dtype of ``x`` (float32 or float64); the input decides the precision."""
+    dt = np.asarray(x).dtype
+    if dt not in (np.float32, np.float64):
+        raise McnError(f"Expected {name} to be float32 or float64. Received {name}.dtype={dt}")
+    return dt
+
+
+def as_4d(x: Any, name: str = "x", dtype: np.dtype | None = None) -> np.ndarray:
+    """Restore MATLAB's dropped trailing singleton dimensions: H x W x C x N.
+
+    MATLAB stores an ``H x W x C x 1`` array as 3-D; adding trailing size-1 axes never
+    reorders elements. More than four dimensions is an error naming ``name``.
+    """
+    a = np.asarray(x)
+    if dtype is not None:
+        a = a.astype(dtype, copy=False)
+    if a.ndim > 4:
+        raise McnError(
+            f"Expected {name} to have at most 4 dimensions (H x W x C x N). Received {name}.shape={a.shape}"
+        )
+    return a.reshape(a.shape + (1,) * (4 - a.ndim))
+
+
+def _ints(value: Any, name: str) -> tuple[int, ...]:
+    arr = np.asarray(value, dtype=float).ravel()
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+        raise McnError(f"Expected {name} to be integers. Received {name}={value!r}")
+    return tuple(int(v) for v in arr)
+
+
+def pair(value: Any, name: str, minimum: int = 1) -> tuple[int, int]:
+    """A MatConvNet ``[Y X]`` option (stride, dilate, pool, upsample): scalar or two values."""
+    v = _ints(value, name)
+    if len(v) == 1:
+        v = (v[0], v[0])
+    if len(v) != 2:
+        raise McnError(f"Expected {name} to be a scalar or [Y X]. Received {name}={value!r}")
+    if min(v) < minimum:
+        raise McnError(f"Expected {name} >= {minimum}. Received {name}={value!r}")
+    return v  # type: ignore[return-value]
+
+
+def pad4(value: Any, name: str = "pad") -> tuple[int, int, int, int]:
+    """A MatConvNet ``[TOP BOTTOM LEFT RIGHT]`` option (pad, crop): scalar or four values."""
+    v = _ints(value, name)
+    if len(v) == 1:
+        v = v * 4
+    if len(v) != 4:
+        raise McnError(
+            f"Expected {name} to be a scalar or [TOP BOTTOM LEFT RIGHT]. Received {name}={value!r}"
+        )
+    if min(v) < 0:
+        raise McnError(f"Expected {name} >= 0. Received {name}={value!r}")
+    return v  # type: ignore[return-value]

@@ -1,0 +1,155 @@
+"""Batch normalisation (``vl_nnbnorm``): batch-statistics and given-moments modes, forward and backward.
+
+The arithmetic follows MatConvNet's CPU kernels (src/bits/nnbnorm.cu, compiled as nnbnorm.cpp)
+operation by operation, in x's dtype: per-channel sums accumulated sequentially in MatConvNet's
+memory order (H fastest, then W, then N), the variance as ``E[x^2] - mu^2`` clamped at 0, and
+the same association of every product and quotient. In float32 this reproduces MatConvNet's
+rounding, not just its formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from harness.mcn._util import McnError, as_4d, float_dtype, is_empty
+
+__all__ = ["vl_nnbnorm"]
+
+
+def _per_channel(a: np.ndarray) -> np.ndarray:
+    """A length-C vector as a 1 x 1 x C x 1 array, to broadcast over H x W x C x N."""
+    return a.reshape(1, 1, -1, 1)
+
+
+def _channel_rows(a: np.ndarray) -> np.ndarray:
+    """H x W x C x N as C x (N*W*H): each channel's values in MatConvNet's memory order."""
+    return a.transpose(2, 3, 1, 0).reshape(a.shape[2], -1)
+
+
+def _sequential_sum(rows: np.ndarray) -> np.ndarray:
+    """Per-channel sums added one element at a time in rows' dtype, like nnbnorm's C++ loop.
+
+    ``np.add.accumulate`` is sequential by definition (``np.sum`` is pairwise, and
+    ``np.add.reduce`` down a non-contiguous axis is not reliably sequential).
+    """
+    return np.add.accumulate(rows, axis=1, dtype=rows.dtype)[:, -1]
+
+
+def _vector(value: Any, name: str, depth: int, dt: np.dtype) -> np.ndarray:
+    """Gains or biases: any array of C numbers (vl_nnbnorm reshapes them to C x 1)."""
+    a = np.asarray(value)
+    if not np.issubdtype(a.dtype, np.number) or a.size != depth:
+        raise McnError(
+            f"Expected {name} to hold one value per channel of x ({depth}, e.g. C x 1). "
+            f"Received {name}.shape={a.shape}"
+        )
+    return a.reshape(depth).astype(dt)
+
+
+def _given_moments(moments: Any, depth: int, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(moments)
+    if (
+        not np.issubdtype(a.dtype, np.number)
+        or a.ndim < 2
+        or a.shape[:2] != (depth, 2)
+        or any(s != 1 for s in a.shape[2:])
+    ):
+        raise McnError(
+            f"Expected moments to be a C x 2 array [mu, sigma] with C={depth}. "
+            f"Received moments.shape={a.shape}"
+        )
+    a = a.reshape(depth, 2).astype(dt)
+    if not np.all(np.isfinite(a)) or np.any(a[:, 1] <= 0):
+        raise McnError(
+            "Expected moments to be finite with positive sigmas (second column, epsilon "
+            f"already included). Received moments={a.tolist()}"
+        )
+    return a[:, 0], a[:, 1]
+
+
+def _epsilon(epsilon: Any) -> float:
+    if np.size(epsilon) != 1 or isinstance(epsilon, bool | np.bool_):
+        raise McnError(f"Expected epsilon to be a non-negative scalar. Received epsilon={epsilon!r}")
+    try:
+        e = float(np.asarray(epsilon).reshape(()))
+    except (TypeError, ValueError) as err:
+        raise McnError(f"Expected epsilon to be a non-negative scalar. Received epsilon={epsilon!r}") from err
+    if not np.isfinite(e) or e < 0:
+        raise McnError(f"Expected epsilon to be a non-negative scalar. Received epsilon={epsilon!r}")
+    return e
+
+
+def vl_nnbnorm(
+    x: np.ndarray,
+    g: Any,
+    b: Any,
+    dzdy: Any = None,
+    *,
+    epsilon: float = 1e-4,
+    moments: Any = None,
+    return_moments: bool = False,
+) -> Any:
+    """Batch normalisation; mirrors matlab/vl_nnbnorm.m (MEX src/vl_nnbnorm.cu, src/bits/nnbnorm.cu).
+
+    Per channel k over H, W and N (M = H*W*N values)::
+
+        mu = sum(x) / M,  s2 = max(0, sum(x^2) / M - mu^2),  sigma = sqrt(s2 + epsilon)
+        y  = (g / sigma) * (x - mu) + b
+
+    ``moments`` (a C x 2 array ``[mu, sigma]``, sigma including epsilon) replaces the batch
+    statistics; epsilon is then not used. Forward returns ``y``, or ``(y, moments)`` with
+    ``return_moments=True`` (the batch moments, or the given ones).
+
+    Backward (``dzdy`` given) returns ``(dzdx, dzdg, dzdb, moments)``::
+
+        dzdb = sum(dzdy),  dzdg = (sum(dzdy * x) - mu * dzdb) / sigma
+        dzdx = (g / sigma) * (dzdy - dzdb / M) - (g / sigma) * dzdg / (M * sigma) * (x - mu)
+
+    The fourth output is the moments ``[mu, sigma]`` used, NOT a derivative: MatConvNet's
+    ``[dzdx, dzdg, dzdb, moments]`` returns the batch moments (vl_simplenn stores them as the
+    moments "derivative" that cnn_train averages in). With ``moments`` given, the backward
+    pass still uses the batch-statistics formula above, only with the given mu and sigma
+    (MatConvNet's BatchNormBackwardWithMoment), not the derivative through fixed moments.
+
+    ``dzdg`` and ``dzdb`` are C x 1 whatever the shape of g and b (the MEX reshapes them to
+    C x 1 before sizing the outputs); moments are C x 2. g, b and moments are cast to x's dtype.
+    """
+    dt = float_dtype(x)
+    x = as_4d(x)
+    if x.size == 0:
+        raise McnError(f"Expected x to be non-empty. Received x.shape={x.shape}")
+    depth = x.shape[2]
+    g = _vector(g, "g", depth, dt)
+    b = _vector(b, "b", depth, dt)
+    eps = dt.type(_epsilon(epsilon))
+    given = not is_empty(moments)
+    if given:
+        mu, sigma = _given_moments(moments, depth, dt)
+    mass = dt.type(x.shape[0] * x.shape[1] * x.shape[3])
+
+    if is_empty(dzdy):
+        if not given:
+            xr = _channel_rows(x)
+            s1, s2 = _sequential_sum(xr), _sequential_sum(xr * xr)
+            mu = s1 / mass
+            sigma = np.sqrt(np.maximum(dt.type(0), s2 / mass - mu * mu) + eps)
+        y = _per_channel(g / sigma) * (x - _per_channel(mu)) + _per_channel(b)
+        return (y, np.stack([mu, sigma], axis=1)) if return_moments else y
+
+    dzdy = as_4d(np.asarray(dzdy), "dzdy")
+    if dzdy.shape != x.shape:
+        raise McnError(f"Expected dzdy to have the shape of x {x.shape}. Received dzdy.shape={dzdy.shape}")
+    dzdy = dzdy.astype(dt, copy=False)
+    xr, dr = _channel_rows(x), _channel_rows(dzdy)
+    dzdg, dzdb = _sequential_sum(dr * xr), _sequential_sum(dr)
+    if not given:
+        s1, s2 = _sequential_sum(xr), _sequential_sum(xr * xr)
+        mu = s1 / mass
+        sigma = np.sqrt(np.maximum(dt.type(0), s2 / mass - mu * mu) + eps)
+    dzdg = (dzdg - mu * dzdb) / sigma
+    g1 = g / sigma
+    g2 = g1 * dzdg / (mass * sigma)
+    dzdx = _per_channel(g1) * (dzdy - _per_channel(dzdb / mass)) - _per_channel(g2) * (x - _per_channel(mu))
+    return dzdx, dzdg.reshape(depth, 1), dzdb.reshape(depth, 1), np.stack([mu, sigma], axis=1)

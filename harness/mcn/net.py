@@ -1,0 +1,162 @@
+"""The simplenn network structure: ``Net`` and ``Layer``, mirroring MatConvNet's struct.
+
+``net.layers`` is a list of ``Layer``; a layer carries MatConvNet's fields as attributes in
+snake_case (``learningRate`` becomes ``learning_rate``, ``numGroups`` ``num_groups``; the
+label field ``class`` becomes ``class_`` because ``class`` is a Python keyword).
+``net.meta`` is a plain dict with MatConvNet's own (camelCase) keys: ``inputSize``,
+``trainOpts``, ``classes`` ...
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ._util import McnError
+
+__all__ = ["Layer", "Net", "matlab_field", "python_field"]
+
+# Layer types the reference runs (vl_simplenn's switch); 'lrn' is an alias of 'normalize'.
+LAYER_TYPES = (
+    "conv",
+    "convt",
+    "pool",
+    "normalize",
+    "lrn",
+    "softmax",
+    "loss",
+    "softmaxloss",
+    "relu",
+    "sigmoid",
+    "dropout",
+    "bnorm",
+)
+
+
+def python_field(name: str) -> str:
+    """MatConvNet field name -> attribute name (``learningRate`` -> ``learning_rate``)."""
+    if name == "class":
+        return "class_"
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def matlab_field(name: str) -> str:
+    """Attribute name -> MatConvNet field name (``learning_rate`` -> ``learningRate``)."""
+    if name == "class_":
+        return "class"
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+class Layer:
+    """One simplenn layer. ``type``, ``name`` and ``weights`` always exist; other
+    MatConvNet fields (``pad``, ``stride``, ``pool``, ``method``, ``leak``, ...) are
+    attributes when present. ``fields()`` lists them in order."""
+
+    def __init__(self, type: str, name: str | None = None, weights: list | None = None, **fields: Any):
+        self.__dict__["_order"] = []
+        self.type = type
+        self.name = name
+        self.weights = list(weights) if weights is not None else []
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key not in self._order:
+            self._order.append(key)
+        self.__dict__[key] = value
+
+    def __delattr__(self, key: str) -> None:
+        self._order.remove(key)
+        del self.__dict__[key]
+
+    def __getattr__(self, key: str) -> Any:
+        # Only called for missing attributes: say which layer lacks which field.
+        if key.startswith("__"):
+            raise AttributeError(key)
+        raise AttributeError(
+            f"layer '{self.__dict__.get('name')}' ({self.__dict__.get('type')}) has no field '{key}'"
+        )
+
+    def has(self, key: str) -> bool:
+        return key in self._order
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.__dict__[key] if key in self._order else default
+
+    def fields(self) -> Iterator[tuple[str, Any]]:
+        for key in self._order:
+            yield key, self.__dict__[key]
+
+    def copy(self) -> Layer:
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self, memo: dict) -> Layer:
+        new = Layer.__new__(Layer)
+        new.__dict__["_order"] = []
+        for key, value in self.fields():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Layer) or list(self._order) != list(other._order):
+            return False
+        return all(_equal(a, b) for (_, a), (_, b) in zip(self.fields(), other.fields(), strict=True))
+
+    def __repr__(self) -> str:
+        parts = []
+        for key, value in self.fields():
+            if key == "weights":
+                value = [np.shape(w) for w in value]
+            parts.append(f"{key}={value!r}")
+        return f"Layer({', '.join(parts)})"
+
+
+class Net:
+    """A simplenn network: ``layers`` (list of Layer) and ``meta`` (dict, MatConvNet keys)."""
+
+    def __init__(self, layers: list[Layer] | None = None, meta: dict | None = None):
+        self.layers = list(layers) if layers is not None else []
+        self.meta = dict(meta) if meta is not None else {}
+
+    def copy(self) -> Net:
+        return copy.deepcopy(self)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise McnError(f"Expected a layer named {name!r}. Received names={[l.name for l in self.layers]}")
+
+    def index(self, name: str) -> int:
+        return self.layers.index(self.layer(name))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Net)
+            and len(self.layers) == len(other.layers)
+            and all(a == b for a, b in zip(self.layers, other.layers, strict=True))
+            and _equal(self.meta, other.meta)
+        )
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  {i + 1:2d} {l.type:<12} {l.name}" for i, l in enumerate(self.layers))
+        return f"Net({len(self.layers)} layers)\n{body}"
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Structural equality with arrays compared by dtype, shape and value."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype == object or b.dtype == object:
+            return a.shape == b.shape and all(_equal(x, y) for x, y in zip(a.ravel(), b.ravel(), strict=True))
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b

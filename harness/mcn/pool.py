@@ -1,0 +1,204 @@
+"""Spatial pooling (``vl_nnpool``): max and average, forward and backward.
+
+MatConvNet's pooling windows are clipped to the real image: padding is never a value.
+Max pooling therefore never picks a padded cell, and average pooling divides by the
+number of real cells in the clipped window. The reference loops over the few pooling
+taps only; every tap is one strided slice of the input against a sub-range of the
+output grid, so the padded cells are simply never visited.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from harness.mcn._util import McnError, as_4d, float_dtype, pad4, pair
+
+__all__ = ["vl_nnpool"]
+
+_METHODS = ("max", "avg")
+
+# One tap: its index in MATLAB column-major window order, and the (output, input)
+# index tuples over which it reads real input cells.
+_Tap = tuple[int, tuple[slice, slice], tuple[slice, slice]]
+
+
+def _tap_range(n_in: int, n_out: int, pad_before: int, stride: int, offset: int) -> tuple[slice, slice]:
+    """Outputs ``o`` whose window cell ``offset`` is the real cell ``o*stride - pad_before + offset``."""
+    lo = max(0, -((offset - pad_before) // stride))  # ceil((pad_before - offset) / stride)
+    hi = min(n_out, (n_in - 1 + pad_before - offset) // stride + 1)
+    if hi <= lo:
+        return slice(0, 0), slice(0, 0)
+    start = lo * stride - pad_before + offset
+    return slice(lo, hi), slice(start, start + (hi - lo - 1) * stride + 1, stride)
+
+
+def _taps(shape: tuple[int, int], out: tuple[int, int], pool, stride, pad) -> list[_Tap]:
+    """The pooling taps in MATLAB column-major order (rows fastest), as nnpooling.cpp scans a window."""
+    (h, w), (ho, wo), (ph, pw), (sy, sx), (pt, _, pl, _) = shape, out, pool, stride, pad
+    taps = []
+    for b in range(pw):
+        o_cols, i_cols = _tap_range(w, wo, pl, sx, b)
+        for a in range(ph):
+            o_rows, i_rows = _tap_range(h, ho, pt, sy, a)
+            taps.append((b * ph + a, (o_rows, o_cols), (i_rows, i_cols)))
+    # A tap that meets only padding reads nothing.
+    return [t for t in taps if t[1][0].stop > t[1][0].start and t[1][1].stop > t[1][1].start]
+
+
+def _clipped_counts(n_in: int, n_out: int, pad_before: int, stride: int, size: int) -> np.ndarray:
+    """Number of real cells in each clipped window along one axis (nnpooling.cpp's y2 - y1)."""
+    first = np.arange(n_out) * stride - pad_before
+    return np.minimum(first + size, n_in) - np.maximum(first, 0)
+
+
+# Chunks of the flattened C*N axis small enough for every per-tap pass to stay in cache,
+# spread over the cores (numpy releases the GIL inside ufunc loops).
+_CHUNK_ELEMS = 1 << 16
+_executor: ThreadPoolExecutor | None = None
+
+
+def _run_chunked(kernel: Callable[..., None], *arrays: np.ndarray) -> None:
+    """Apply ``kernel`` to matching slices of 3-D ``(H, W, C*N)`` arrays along their last axis."""
+    global _executor
+    cn, hw = arrays[0].shape[2], arrays[0].shape[0] * arrays[0].shape[1]
+    step = max(16, _CHUNK_ELEMS // max(hw, 1) // 16 * 16)
+    chunks = [slice(k, min(k + step, cn)) for k in range(0, cn, step)]
+    workers = os.cpu_count() or 1
+    if len(chunks) < 2 or workers < 2:
+        for c in chunks:
+            kernel(*(a[:, :, c] for a in arrays))
+        return
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mcn-pool")
+    for _ in _executor.map(lambda c: kernel(*(a[:, :, c] for a in arrays)), chunks):
+        pass
+
+
+def _max_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap]) -> None:
+    # fmax from -inf, like acc_max's std::max(value, x), skips NaN inputs.
+    y.fill(-np.inf)
+    for _, o, i in taps:
+        np.fmax(y[o], x[i], out=y[o])
+
+
+def _max_backward(x: np.ndarray, dzdy: np.ndarray, dzdx: np.ndarray, taps: list[_Tap]) -> None:
+    # acc_max scans with a strict '>' from -inf: the derivative goes to the first cell equal
+    # to the window maximum, and nowhere when that maximum is -inf. Masked numpy ops are slow
+    # on random masks, so the winners are kept as one boolean mask per tap.
+    y = np.empty(dzdy.shape, x.dtype)
+    _max_forward(x, y, taps)
+    taken = y == -np.inf
+    hits = np.empty((len(taps),) + dzdy.shape, bool)
+    for hit, (_, o, i) in zip(hits, taps, strict=True):
+        np.equal(x[i], y[o], out=hit[o])
+        np.greater(hit[o], taken[o], out=hit[o])  # equal and not yet taken
+        taken[o] |= hit[o]
+    contrib = y  # reuse the buffer
+    dzdx.fill(0)
+    for hit, (_, o, i) in zip(reversed(hits), reversed(taps), strict=True):
+        np.multiply(dzdy[o], hit[o], out=contrib[o])
+        np.add(dzdx[i], contrib[o], out=dzdx[i])
+
+
+def _avg_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarray) -> None:
+    # acc_sum: a running sum from 0 in column-major window order, then times 1/n.
+    y.fill(0)
+    for _, o, i in taps:
+        np.add(y[o], x[i], out=y[o])
+    y *= scale
+
+
+def _avg_backward(dzdy: np.ndarray, dzdx: np.ndarray, taps: list[_Tap], scale: np.ndarray) -> None:
+    g = dzdy * scale
+    dzdx.fill(0)
+    for _, o, i in reversed(taps):
+        np.add(dzdx[i], g[o], out=dzdx[i])
+
+
+def _options(x: Any, pool: Any, method: str, pad: Any, stride: Any):
+    dt = float_dtype(x)
+    x = as_4d(x)
+    ph, pw = pair(pool, "pool")
+    sy, sx = pair(stride, "stride")
+    pt, pb, pl, pr = pad4(pad, "pad")
+    if not isinstance(method, str) or method.lower() not in _METHODS:
+        raise McnError(f"Expected method to be one of {list(_METHODS)}. Received method={method!r}")
+    if max(pt, pb) >= ph or max(pl, pr) >= pw:
+        raise McnError(
+            "Expected every pad to be smaller than the pool size on its axis (pad < pool). "
+            f"Received pad={[pt, pb, pl, pr]}, pool={[ph, pw]}"
+        )
+    h, w = x.shape[:2]
+    if h + pt + pb < ph or w + pl + pr < pw:
+        raise McnError(
+            "Expected the pooling window to fit in the padded input. "
+            f"Received pool={[ph, pw]} with x.shape={x.shape} and pad={[pt, pb, pl, pr]}"
+        )
+    out = ((h + pt + pb - ph) // sy + 1, (w + pl + pr - pw) // sx + 1)
+    return x, dt, (ph, pw), (sy, sx), (pt, pb, pl, pr), method.lower(), out
+
+
+def vl_nnpool(
+    x: np.ndarray,
+    pool: Any,
+    dzdy: np.ndarray | None = None,
+    *,
+    method: str = "max",
+    pad: Any = 0,
+    stride: Any = 1,
+) -> np.ndarray:
+    """Max or average pooling; mirrors matlab/vl_nnpool.m and src/bits/nnpooling.cpp (CPU).
+
+    ``y = vl_nnpool(x, pool, method=, pad=, stride=)`` and
+    ``dzdx = vl_nnpool(x, pool, dzdy, ...)``. ``pool`` is ``PH`` or ``[PH PW]``, ``pad``
+    ``[TOP BOTTOM LEFT RIGHT]`` (each smaller than the pool size on its axis), ``stride``
+    ``[SY SX]``. Output size ``floor((H + PT + PB - PH) / SY) + 1`` (likewise for W).
+
+    Each window is clipped to the real image. ``max``: ``y`` is the window maximum and the
+    backward pass gives the whole derivative to the first strict maximum met scanning the
+    window in column-major order. ``avg``: ``y = sum * (1 / n)`` with ``n`` the number of
+    real cells, summed in column-major window order in the precision of ``x``; the
+    backward pass spreads ``dzdy * (1 / n)`` over the same cells.
+    """
+    x, dt, pool_hw, stride_yx, pad_tblr, method, out = _options(x, pool, method, pad, stride)
+    out_shape = out + x.shape[2:]
+    taps = _taps(x.shape[:2], out, pool_hw, stride_yx, pad_tblr)
+    scale = None
+    if method == "avg":
+        counts = np.multiply.outer(
+            _clipped_counts(x.shape[0], out[0], pad_tblr[0], stride_yx[0], pool_hw[0]),
+            _clipped_counts(x.shape[1], out[1], pad_tblr[2], stride_yx[1], pool_hw[1]),
+        )
+        scale = (dt.type(1) / counts.astype(dt))[:, :, None]
+
+    # Reverse tap order in the backward kernels adds each input cell's contributions in the
+    # order of nnpooling.cpp's output loop (later outputs reach a cell through earlier taps),
+    # so float32 sums agree bit for bit.
+    x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+    if dzdy is None:
+        y = np.empty(out_shape, dt)
+        y3 = y.reshape(out + (-1,))
+        if method == "max":
+            _run_chunked(lambda x_, y_: _max_forward(x_, y_, taps), x3, y3)
+        else:
+            _run_chunked(lambda x_, y_: _avg_forward(x_, y_, taps, scale), x3, y3)
+        return y
+
+    dzdy = as_4d(dzdy, "dzdy", dtype=dt)
+    if dzdy.shape != out_shape:
+        raise McnError(
+            f"Expected dzdy to have the output shape {out_shape}. Received dzdy.shape={dzdy.shape}"
+        )
+    dzdy3 = np.ascontiguousarray(dzdy).reshape(out + (-1,))
+    dzdx = np.empty(x.shape, dt)
+    dzdx3 = dzdx.reshape(x3.shape)
+    if method == "max":
+        _run_chunked(lambda x_, g_, d_: _max_backward(x_, g_, d_, taps), x3, dzdy3, dzdx3)
+    else:
+        _run_chunked(lambda g_, d_: _avg_backward(g_, d_, taps, scale), dzdy3, dzdx3)
+    return dzdx

@@ -1,0 +1,317 @@
+"""vl_simplenn_tidy and vl_simplenn: run a simplenn network forward and backward.
+
+Mirrors matlab/simplenn/vl_simplenn_tidy.m and matlab/simplenn/vl_simplenn.m in both
+dialects (``"master"``: commit 1e5ae7b7; ``"beta25"``: tag v1.0-beta25). The only
+dialect difference inside vl_simplenn is the bnorm moments derivative, which beta25
+multiplies by the batch size; the loss layers take the dialect to their functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._util import McnError, as_4d, float_dtype, is_empty
+from .bnorm import vl_nnbnorm
+from .conv import vl_nnconv, vl_nnconvt
+from .loss import vl_nnloss, vl_nnsoftmaxloss
+from .net import LAYER_TYPES, Layer, Net, matlab_field
+from .normalize import vl_nnnormalize
+from .pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
+from .pool import vl_nnpool
+
+__all__ = ["Res", "vl_simplenn", "vl_simplenn_tidy", "DIALECTS", "MODES"]
+
+DIALECTS = ("master", "beta25")
+MODES = ("normal", "test")
+
+_LOSS_TYPES = ("loss", "softmaxloss")
+
+
+def _defaults(layer_type: str) -> dict[str, Any]:
+    """vl_simplenn_tidy's per-type defaults (a duplicated ``case 'pool'`` in MatConvNet's
+    switch means the pool ``method`` default is never reached: vl_nnpool's own default,
+    'max', applies at run time instead)."""
+    return {
+        "conv": {"pad": 0.0, "stride": 1.0, "dilate": 1.0, "opts": []},
+        "pool": {"pad": 0.0, "stride": 1.0, "opts": []},
+        "convt": {"crop": 0.0, "upsample": 1.0, "num_groups": 1.0, "opts": []},
+        "relu": {"leak": 0.0},
+        "dropout": {"rate": 0.5},
+        "normalize": {"param": np.array([5, 1, 0.0001 / 5, 0.75])},
+        "lrn": {"param": np.array([5, 1, 0.0001 / 5, 0.75])},
+        "bnorm": {"epsilon": 1e-5},
+    }.get(layer_type, {})
+
+
+def vl_simplenn_tidy(net: Net) -> Net:
+    """Fill in MatConvNet's defaults (mirrors vl_simplenn_tidy.m); returns a new Net.
+
+    Names default to ``layer<i>``; old ``filters``/``biases`` fields become ``weights``;
+    bnorm layers get a zero ``C x 2`` moments array (in the filters' dtype) and epsilon
+    1e-5; conv pad 0, stride 1, dilate 1; pool pad 0, stride 1; convt crop 0, upsample 1,
+    numGroups 1; relu leak 0; dropout rate 0.5; lrn param [5 1 0.0001/5 0.75].
+    """
+    if not isinstance(net, Net):
+        raise McnError(f"Expected net to be a harness.mcn.Net. Received net={type(net).__name__}")
+    tnet = Net(meta=dict(net.meta))
+    for i, src in enumerate(net.layers):
+        layer = src.copy()
+        where = f"layer {i + 1}"
+        if not isinstance(layer.get("type"), str):
+            raise McnError(
+                f"{where}: Expected field 'type' to be a string. Received type={layer.get('type')!r}"
+            )
+        if layer.get("name") is None:
+            layer.name = f"layer{i + 1}"
+        if layer.type in ("conv", "convt", "bnorm") and not layer.weights and layer.has("filters"):
+            layer.weights = [layer.filters, layer.get("biases", np.zeros((0, 0)))]
+            del layer.filters
+            if layer.has("biases"):
+                del layer.biases
+        if layer.type == "bnorm" and len(layer.weights) < 3:
+            if not layer.weights:
+                raise McnError(
+                    f"{where} '{layer.name}' (bnorm): Expected field 'weights' = {{gains, biases}}."
+                )
+            g = np.asarray(layer.weights[0])
+            layer.weights = [*layer.weights, np.zeros((g.size, 2), dtype=g.dtype)]
+        if not layer.has("precious"):
+            layer.precious = False
+        for key, value in _defaults(layer.type).items():
+            if not layer.has(key):
+                setattr(layer, key, value)
+        tnet.layers.append(layer)
+    return tnet
+
+
+@dataclass
+class Res:
+    """One entry of vl_simplenn's ``res``: ``x`` is the input of layer i (``res[0].x`` the
+    image, ``res[-1].x`` the loss), ``dzdx`` its derivative, ``dzdw`` the parameter
+    derivatives of layer i, ``aux`` the dropout mask."""
+
+    x: np.ndarray | None = None
+    dzdx: np.ndarray | None = None
+    dzdw: list[np.ndarray] = field(default_factory=list)
+    aux: Any = None
+
+
+def _field(layer: Layer, i: int, key: str) -> Any:
+    if not layer.has(key):
+        hint = " (the labels: pass labels= to vl_simplenn)" if key == "class_" else ""
+        raise McnError(
+            f"layer {i + 1} '{layer.name}' ({layer.type}): missing field '{matlab_field(key)}'{hint}"
+        )
+    return layer.get(key)
+
+
+def _weight(layer: Layer, i: int, j: int) -> np.ndarray | None:
+    if len(layer.weights) <= j:
+        raise McnError(
+            f"layer {i + 1} '{layer.name}' ({layer.type}): Expected field 'weights' to have at least {j + 1} "
+            f"entries. Received {len(layer.weights)}"
+        )
+    w = layer.weights[j]
+    return None if is_empty(w) else np.asarray(w)
+
+
+def _cast(w: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    # MatConvNet requires data and parameters of one class; a double net fed single data
+    # is an error there. We cast parameters to the data's class so both precisions run.
+    return None if w is None else np.asarray(w).astype(dtype, copy=False)
+
+
+def _forward(layer: Layer, i: int, x: np.ndarray, test_mode: bool, dialect: str, rng, mask) -> tuple:
+    t = layer.type
+    dt = x.dtype
+    if t == "conv":
+        y = vl_nnconv(
+            x,
+            _cast(_weight(layer, i, 0), dt),
+            _cast(_weight(layer, i, 1), dt),
+            pad=_field(layer, i, "pad"),
+            stride=_field(layer, i, "stride"),
+            dilate=layer.get("dilate", 1),
+        )
+    elif t == "convt":
+        y = vl_nnconvt(
+            x,
+            _cast(_weight(layer, i, 0), dt),
+            _cast(_weight(layer, i, 1), dt),
+            crop=_field(layer, i, "crop"),
+            upsample=_field(layer, i, "upsample"),
+            num_groups=_field(layer, i, "num_groups"),
+        )
+    elif t == "pool":
+        y = vl_nnpool(
+            x,
+            _field(layer, i, "pool"),
+            pad=_field(layer, i, "pad"),
+            stride=_field(layer, i, "stride"),
+            method=layer.get("method", "max"),
+        )
+    elif t in ("normalize", "lrn"):
+        y = vl_nnnormalize(x, _field(layer, i, "param"))
+    elif t == "softmax":
+        y = vl_nnsoftmax(x)
+    elif t == "loss":
+        # vl_simplenn calls vl_nnloss(x, l.class) with no options: softmaxlog, always.
+        y = vl_nnloss(x, _field(layer, i, "class_"), dialect=dialect)
+    elif t == "softmaxloss":
+        y = vl_nnsoftmaxloss(x, _field(layer, i, "class_"), dialect=dialect)
+    elif t == "relu":
+        y = vl_nnrelu(x, leak=_leak(layer))
+    elif t == "sigmoid":
+        y = vl_nnsigmoid(x)
+    elif t == "dropout":
+        if test_mode:
+            return x, None
+        rate = _field(layer, i, "rate")
+        return vl_nndropout(x, rate=rate, mask=mask, rng=rng, return_mask=True)
+    elif t == "bnorm":
+        g, b = _cast(_weight(layer, i, 0), dt), _cast(_weight(layer, i, 1), dt)
+        eps = _field(layer, i, "epsilon")
+        if test_mode:
+            y = vl_nnbnorm(x, g, b, moments=_cast(_weight(layer, i, 2), dt), epsilon=eps)
+        else:
+            y = vl_nnbnorm(x, g, b, epsilon=eps)
+    else:
+        raise McnError(
+            f"layer {i + 1} '{layer.name}': Expected field 'type' to be one of {', '.join(LAYER_TYPES)}. "
+            f"Received type={t!r}"
+        )
+    return y, None
+
+
+def _leak(layer: Layer) -> float:
+    leak = (
+        float(np.asarray(layer.get("leak", 0.0)).ravel()[0]) if not is_empty(layer.get("leak", 0.0)) else 0.0
+    )
+    # vl_simplenn passes 'leak' only when it is positive.
+    return leak if leak > 0 else 0.0
+
+
+def _backward(layer: Layer, i: int, res: list[Res], test_mode: bool, dialect: str) -> tuple:
+    t = layer.type
+    x, dzdy = res[i].x, res[i + 1].dzdx
+    dt = x.dtype
+    if t == "conv":
+        dzdx, dzdf, dzdb = vl_nnconv(
+            x,
+            _cast(_weight(layer, i, 0), dt),
+            _cast(_weight(layer, i, 1), dt),
+            dzdy,
+            pad=layer.pad,
+            stride=layer.stride,
+            dilate=layer.get("dilate", 1),
+        )
+        return dzdx, [dzdf, dzdb]
+    if t == "convt":
+        dzdx, dzdf, dzdb = vl_nnconvt(
+            x,
+            _cast(_weight(layer, i, 0), dt),
+            _cast(_weight(layer, i, 1), dt),
+            dzdy,
+            crop=layer.crop,
+            upsample=layer.upsample,
+            num_groups=layer.num_groups,
+        )
+        return dzdx, [dzdf, dzdb]
+    if t == "pool":
+        return vl_nnpool(
+            x, layer.pool, dzdy, pad=layer.pad, stride=layer.stride, method=layer.get("method", "max")
+        ), []
+    if t in ("normalize", "lrn"):
+        return vl_nnnormalize(x, layer.param, dzdy), []
+    if t == "softmax":
+        return vl_nnsoftmax(x, dzdy), []
+    if t == "loss":
+        return vl_nnloss(x, layer.class_, dzdy, dialect=dialect), []
+    if t == "softmaxloss":
+        return vl_nnsoftmaxloss(x, layer.class_, dzdy, dialect=dialect), []
+    if t == "relu":
+        return vl_nnrelu(x, dzdy, leak=_leak(layer)), []
+    if t == "sigmoid":
+        return vl_nnsigmoid(x, dzdy), []
+    if t == "dropout":
+        if test_mode:
+            return dzdy, []
+        return vl_nndropout(x, dzdy, rate=layer.rate, mask=res[i + 1].aux), []
+    if t == "bnorm":
+        # Quirk kept: the backward pass never passes 'moments', so even in test mode the
+        # derivatives are those of batch statistics.
+        g, b = _cast(_weight(layer, i, 0), dt), _cast(_weight(layer, i, 1), dt)
+        dzdx, dzdg, dzdb, dzdm = vl_nnbnorm(x, g, b, dzdy, epsilon=layer.epsilon)
+        if dialect == "beta25":
+            # beta25: "multiply the moments update by the number of images in the batch".
+            dzdm = dzdm * x.shape[3]
+        return dzdx, [dzdg, dzdb, dzdm]
+    raise AssertionError(t)  # forward already rejected unknown types
+
+
+def vl_simplenn(
+    net: Net,
+    x: np.ndarray,
+    dzdy: Any = None,
+    labels: Any = None,
+    *,
+    mode: str = "normal",
+    dialect: str = "master",
+    rng: np.random.Generator | None = None,
+    masks: dict[int, np.ndarray] | None = None,
+) -> list[Res]:
+    """Evaluate a simplenn network (mirrors vl_simplenn.m).
+
+    ``res[i].x`` is the input of layer i (MatConvNet's ``res(i+1)``), ``res[-1].x`` the
+    network output (the loss for a net ending in a loss layer). With ``dzdy`` (cnn_train
+    passes 1) the backward pass fills ``res[i].dzdx`` and ``res[i].dzdw``. ``labels``, if
+    given, are set as the last layer's ``class`` (``net.layers{end}.class = labels``).
+    ``mode`` is 'normal' (training: dropout active, bnorm batch statistics) or 'test'.
+    Dropout masks are drawn from ``rng`` unless given in ``masks`` by layer index.
+    The net should be tidied (vl_simplenn_tidy) first, as MatConvNet expects.
+    """
+    if mode not in MODES:
+        raise McnError(f"Expected mode to be one of {MODES}. Received mode={mode!r}")
+    if dialect not in DIALECTS:
+        raise McnError(f"Expected dialect to be one of {DIALECTS}. Received dialect={dialect!r}")
+    if not isinstance(net, Net):
+        raise McnError(f"Expected net to be a harness.mcn.Net. Received net={type(net).__name__}")
+    float_dtype(x, "x")
+    x = as_4d(x, "x")
+    test_mode = mode == "test"
+    masks = masks or {}
+    layers = net.layers
+    if labels is not None:
+        if not layers or layers[-1].type not in _LOSS_TYPES:
+            raise McnError("Expected the last layer to be a loss layer when labels are given.")
+        last = layers[-1].copy()
+        last.class_ = labels
+        layers = [*layers[:-1], last]
+    n = len(layers)
+    res = [Res() for _ in range(n + 1)]
+    res[0].x = x
+    for i, layer in enumerate(layers):
+        try:
+            res[i + 1].x, res[i + 1].aux = _forward(layer, i, res[i].x, test_mode, dialect, rng, masks.get(i))
+        except McnError as err:
+            raise _located(err, layer, i) from None
+    if dzdy is None or is_empty(dzdy):
+        return res
+    res[n].dzdx = np.asarray(dzdy, dtype=x.dtype) if np.ndim(dzdy) == 0 else as_4d(dzdy, "dzdy", x.dtype)
+    for i in range(n - 1, -1, -1):
+        layer = layers[i]
+        try:
+            res[i].dzdx, res[i].dzdw = _backward(layer, i, res, test_mode, dialect)
+        except McnError as err:
+            raise _located(err, layer, i) from None
+    return res
+
+
+def _located(err: McnError, layer: Layer, i: int) -> McnError:
+    msg = str(err)
+    if msg.startswith("layer "):
+        return err
+    return McnError(f"layer {i + 1} '{layer.name}' ({layer.type}): {msg}")

@@ -1,0 +1,186 @@
+"""Custom Keras layers for MatConvNet operations that no stock Keras layer computes exactly.
+
+- ``MatConvNetPooling``: pooling with MatConvNet's clipped windows (padding is not a
+  value: max never picks it, avg divides by the number of real cells).
+- ``MatConvNetLRN``: vl_nnnormalize's cross-channel LRN (ALPHA not divided by N).
+- ``Subsample``: take every stride-th pixel (strided dilated convolutions, which
+  TensorFlow's Conv2D refuses, run as a dilated stride-1 Conv2D followed by this).
+- ``AddBias``: vl_nnconv with empty filters (input + bias, subsampled).
+- ``MatConvNetSoftmaxLoss``: softmaxloss/loss as a Keras loss honouring the dialect,
+  1-based labels with 0 ignored, and per-location instance weights.
+
+All serialise (``get_config`` returns the constructor arguments).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+__all__ = [
+    "AddBias",
+    "MatConvNetLRN",
+    "MatConvNetPooling",
+    "MatConvNetSoftmaxLoss",
+    "Subsample",
+    "CUSTOM_OBJECTS",
+]
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class MatConvNetPooling(keras.layers.Layer):
+    """vl_nnpool with padding ``((top, bottom), (left, right))`` as clipped windows."""
+
+    def __init__(self, pool_size, strides, padding, method="max", **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = tuple(int(p) for p in pool_size)
+        self.strides = tuple(int(s) for s in strides)
+        self.padding = tuple(tuple(int(p) for p in side) for side in padding)
+        if method not in ("max", "avg"):
+            raise ValueError(f"Expected method 'max' or 'avg'. Received method={method!r}")
+        self.method = method
+
+    def call(self, x):
+        (t, b), (l, r) = self.padding
+        pads = [[0, 0], [t, b], [l, r], [0, 0]]
+        if self.method == "max":
+            # -inf padding: a window never picks a padded cell (the clipped window).
+            xp = ops.pad(x, pads, constant_values=float("-inf"))
+            return ops.max_pool(xp, self.pool_size, self.strides, padding="valid")
+        xp = ops.pad(x, pads)
+        area = float(self.pool_size[0] * self.pool_size[1])
+        summed = ops.average_pool(xp, self.pool_size, self.strides, padding="valid") * area
+        ones = ops.pad(ops.ones_like(x[..., :1]), pads)
+        count = ops.average_pool(ones, self.pool_size, self.strides, padding="valid") * area
+        return summed / count
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        (t, b), (l, r) = self.padding
+
+        def out(size, p0, p1, k, s):
+            return None if size is None else (size + p0 + p1 - k) // s + 1
+
+        return (
+            n,
+            out(h, t, b, self.pool_size[0], self.strides[0]),
+            out(w, l, r, self.pool_size[1], self.strides[1]),
+            c,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "pool_size": self.pool_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "method": self.method,
+        }
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class MatConvNetLRN(keras.layers.Layer):
+    """vl_nnnormalize: ``y = x / (kappa + alpha * sum_window x^2)^beta`` over channels,
+    window ``[k - floor((n-1)/2), k + ceil((n-1)/2)]`` (exact power)."""
+
+    def __init__(self, depth, kappa, alpha, beta, **kwargs):
+        super().__init__(**kwargs)
+        self.depth, self.kappa, self.alpha, self.beta = int(depth), float(kappa), float(alpha), float(beta)
+
+    def call(self, x):
+        lo = (self.depth - 1) // 2
+        hi = self.depth - 1 - lo
+        sq = ops.pad(ops.square(x), [[0, 0], [0, 0], [0, 0], [lo, hi]])
+        channels = x.shape[-1]
+        window = sum(sq[..., k : k + channels] for k in range(self.depth))
+        return x / ops.power(self.kappa + self.alpha * window, self.beta)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "depth": self.depth,
+            "kappa": self.kappa,
+            "alpha": self.alpha,
+            "beta": self.beta,
+        }
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class Subsample(keras.layers.Layer):
+    """Keep every ``strides``-th row and column, starting at the first."""
+
+    def __init__(self, strides, **kwargs):
+        super().__init__(**kwargs)
+        self.strides = tuple(int(s) for s in strides)
+
+    def call(self, x):
+        return x[:, :: self.strides[0], :: self.strides[1], :]
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        sy, sx = self.strides
+        return (n, None if h is None else -(-h // sy), None if w is None else -(-w // sx), c)
+
+    def get_config(self):
+        return {**super().get_config(), "strides": self.strides}
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class AddBias(keras.layers.Layer):
+    """vl_nnconv with empty filters: the (already subsampled) input plus a bias per channel."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        return x + self.bias
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class MatConvNetSoftmaxLoss(keras.losses.Loss):
+    """vl_nnsoftmaxloss as a Keras loss on pre-softmax scores ``(N, H, W, K)`` or ``(N, K)``.
+
+    ``y_true`` holds MatConvNet's 1-based labels, ``(N,)`` (one per image, applied at
+    every pixel) or ``(N, H, W)``; label 0 is ignored; with ``(N, H, W, 2)`` the second
+    channel is a per-location instance weight. Summed over pixels; dialect ``master``
+    divides the batch sum by N (ignored images still count), ``beta25`` does not.
+    """
+
+    def __init__(self, dialect="master", name="matconvnet_softmaxloss", **kwargs):
+        if dialect not in ("master", "beta25"):
+            raise ValueError(f"Expected dialect 'master' or 'beta25'. Received dialect={dialect!r}")
+        reduction = "sum_over_batch_size" if dialect == "master" else "sum"
+        super().__init__(name=name, reduction=reduction, **kwargs)
+        self.dialect = dialect
+
+    def call(self, y_true, y_pred):
+        scores = y_pred if len(y_pred.shape) == 4 else y_pred[:, None, None, :]
+        labels = ops.cast(y_true, scores.dtype)
+        n, h, w, k = (ops.shape(scores)[i] for i in range(4))
+        if len(labels.shape) == 4 and labels.shape[-1] == 2:
+            weights, labels = labels[..., 1], labels[..., 0]
+        else:
+            if len(labels.shape) <= 1 or (len(labels.shape) == 2 and labels.shape[-1] == 1):
+                labels = ops.reshape(labels, (-1, 1, 1))
+            labels = ops.broadcast_to(labels, (n, h, w))
+            weights = ops.cast(labels > 0, scores.dtype)
+        onehot = ops.one_hot(ops.cast(ops.maximum(labels, 1.0) - 1.0, "int32"), k, dtype=scores.dtype)
+        logz = ops.logsumexp(scores, axis=-1)
+        picked = ops.sum(scores * onehot, axis=-1)
+        per_pixel = weights * (logz - picked)
+        return ops.sum(ops.reshape(per_pixel, (n, -1)), axis=1)
+
+    def get_config(self):
+        return {"dialect": self.dialect, "name": self.name}
+
+
+CUSTOM_OBJECTS = {
+    cls.__name__: cls for cls in (MatConvNetPooling, MatConvNetLRN, Subsample, AddBias, MatConvNetSoftmaxLoss)
+}

@@ -124,7 +124,9 @@ def _cast(w: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
     return None if w is None else np.asarray(w).astype(dtype, copy=False)
 
 
-def _forward(layer: Layer, i: int, x: np.ndarray, test_mode: bool, dialect: str, rng, mask) -> tuple:
+def _forward(
+    layer: Layer, i: int, x: np.ndarray, test_mode: bool, dialect: str, rng, mask, lrn_exact: bool
+) -> tuple:
     t = layer.type
     dt = x.dtype
     if t == "conv":
@@ -154,7 +156,7 @@ def _forward(layer: Layer, i: int, x: np.ndarray, test_mode: bool, dialect: str,
             method=layer.get("method", "max"),
         )
     elif t in ("normalize", "lrn"):
-        y = vl_nnnormalize(x, _field(layer, i, "param"))
+        y = vl_nnnormalize(x, _field(layer, i, "param"), exact=lrn_exact)
     elif t == "softmax":
         y = vl_nnsoftmax(x)
     elif t == "loss":
@@ -194,7 +196,7 @@ def _leak(layer: Layer) -> float:
     return leak if leak > 0 else 0.0
 
 
-def _backward(layer: Layer, i: int, res: list[Res], test_mode: bool, dialect: str) -> tuple:
+def _backward(layer: Layer, i: int, res: list[Res], test_mode: bool, dialect: str, lrn_exact: bool) -> tuple:
     t = layer.type
     x, dzdy = res[i].x, res[i + 1].dzdx
     dt = x.dtype
@@ -225,7 +227,7 @@ def _backward(layer: Layer, i: int, res: list[Res], test_mode: bool, dialect: st
             x, layer.pool, dzdy, pad=layer.pad, stride=layer.stride, method=layer.get("method", "max")
         ), []
     if t in ("normalize", "lrn"):
-        return vl_nnnormalize(x, layer.param, dzdy), []
+        return vl_nnnormalize(x, layer.param, dzdy, exact=lrn_exact), []
     if t == "softmax":
         return vl_nnsoftmax(x, dzdy), []
     if t == "loss":
@@ -262,6 +264,7 @@ def vl_simplenn(
     dialect: str = "master",
     rng: np.random.Generator | None = None,
     masks: dict[int, np.ndarray] | None = None,
+    lrn_exact: bool = False,
 ) -> list[Res]:
     """Evaluate a simplenn network (mirrors vl_simplenn.m).
 
@@ -271,6 +274,7 @@ def vl_simplenn(
     given, are set as the last layer's ``class`` (``net.layers{end}.class = labels``).
     ``mode`` is 'normal' (training: dropout active, bnorm batch statistics) or 'test'.
     Dropout masks are drawn from ``rng`` unless given in ``masks`` by layer index.
+    ``lrn_exact`` swaps MatConvNet's approximate power in LRN layers for the exact one.
     The net should be tidied (vl_simplenn_tidy) first, as MatConvNet expects.
     """
     if mode not in MODES:
@@ -295,7 +299,9 @@ def vl_simplenn(
     res[0].x = x
     for i, layer in enumerate(layers):
         try:
-            res[i + 1].x, res[i + 1].aux = _forward(layer, i, res[i].x, test_mode, dialect, rng, masks.get(i))
+            res[i + 1].x, res[i + 1].aux = _forward(
+                layer, i, res[i].x, test_mode, dialect, rng, masks.get(i), lrn_exact
+            )
         except McnError as err:
             raise _located(err, layer, i) from None
     if dzdy is None or is_empty(dzdy):
@@ -304,7 +310,7 @@ def vl_simplenn(
     for i in range(n - 1, -1, -1):
         layer = layers[i]
         try:
-            res[i].dzdx, res[i].dzdw = _backward(layer, i, res, test_mode, dialect)
+            res[i].dzdx, res[i].dzdw = _backward(layer, i, res, test_mode, dialect, lrn_exact)
         except McnError as err:
             raise _located(err, layer, i) from None
     return res

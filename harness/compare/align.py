@@ -29,6 +29,7 @@ _KINDS = {
     "MatConvNetPooling": "pool",
     "ReLU": "relu",
     "LeakyReLU": "relu",
+    "MatConvNetLeakyReLU": "relu",
     "Softmax": "softmax",
     "Flatten": "flatten",
     "Reshape": "flatten",
@@ -122,7 +123,12 @@ def align(net: Net, model, mapping: dict[str, list[str]] | None = None) -> Align
                 pair.fused_activation = "softmax"
                 pair.notes.append(f"softmax fused into Keras layer {pending[1].param_layer}")
                 pending = None
-            while k < len(klayers) and keras_kind(klayers[k]) == "softmax" and not pair.keras:
+            seen_softmax = False
+            while k < len(klayers) and keras_kind(klayers[k]) in ("flatten", "softmax"):
+                if keras_kind(klayers[k]) == "softmax":
+                    if seen_softmax or pair.fused_activation:
+                        break  # a second softmax is extra
+                    seen_softmax = True
                 pair.keras.append(klayers[k].name)
                 k += 1
             if i != n - 1:
@@ -195,10 +201,10 @@ def _is_extra(net: Net, i: int, klayer) -> bool:
     """A Keras layer that cannot start the next MatConvNet layer's run."""
     kind = keras_kind(klayer)
     if i + 1 >= len(net.layers):
-        return kind not in ("softmax",)
+        return True
     nxt = net.layers[i + 1].type
     if nxt in ("softmaxloss", "loss"):
-        return kind != "softmax"
+        return kind not in ("softmax", "flatten")
     allowed = set(_EXPECT.get(nxt, (nxt,))) | set(_PREFIX.get(nxt, ()))
     if kind in allowed:
         return False

@@ -162,7 +162,7 @@ def _as_mcn(t: np.ndarray) -> np.ndarray:
     return t
 
 
-def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="") -> Row:
+def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="", scale=0.0) -> Row:
     ref = np.asarray(ref, dtype=np.float64)
     if got is None:
         return Row(
@@ -181,7 +181,7 @@ def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="") -> Row:
     if ref.size == 0:
         return Row(pair_name, pair_type, keras, tensor, True, 0, 0, tolerance=tol, note=note)
     diff = np.abs(got - ref)
-    scale = max(float(np.max(np.abs(ref))), 1e-300)
+    scale = max(float(np.max(np.abs(ref))), scale, 1e-300)
     bad = diff > tol * scale
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
     keras_idx = [int(worst[3]), int(worst[0]), int(worst[1]), int(worst[2])] if ref.ndim == 4 else None
@@ -218,7 +218,8 @@ def compare(
     """Compare ``net`` (MatConvNet reference) with a Keras ``model`` on one batch.
 
     ``x`` is ``H x W x C x N`` (MatConvNet layout), ``labels`` 1-based (0 = ignore).
-    The net's weights are loaded into ``model`` (it is modified). Returns a Report with a
+    The net's weights are loaded into ``model`` (or into a float64 clone of it when it
+    computes in another precision than ``dtype``). Returns a Report with a
     row per aligned layer and tensor.
     """
     import tensorflow as tf
@@ -230,6 +231,7 @@ def compare(
     x = as_4d(np.asarray(x, dtype=np_dtype), "x")
     labels_arr = np.asarray(labels, dtype=np.float64)
     n = x.shape[3]
+    model = with_dtype(model, dtype)
     alignment = align(net, model, mapping)
     weights = _Weights(net, model, alignment, dtype)
 
@@ -353,7 +355,10 @@ def compare(
             mapped = weights.grads_to_mcn(layer, kl, gk) if all(g is not None for g in gk) else []
             for name, g, off in mapped:
                 j = int(name[5]) - 1
-                rows.append(_row(layer.name, layer.type, kl.name, name, res[idx].dzdw[j], g, tol.parameter))
+                scale = _bias_scale(res[idx + 1].dzdx) if j == 1 else 0.0
+                rows.append(
+                    _row(layer.name, layer.type, kl.name, name, res[idx].dzdw[j], g, tol.parameter, "", scale)
+                )
                 if off is not None:
                     rows.append(
                         _row(
@@ -394,6 +399,35 @@ def compare(
     )
     report.first_divergence = _first_divergence(report, net)
     return report
+
+
+def with_dtype(model, dtype: str):
+    """The model itself if it computes in ``dtype``, else a clone that does (same
+    architecture, layer names and weights): float64 comparisons need float64 layers."""
+    import keras
+
+    if all(getattr(l, "compute_dtype", dtype) == dtype for l in model.layers):
+        return model
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = dtype
+        return layer.__class__.from_config(config)
+
+    shape = tuple(model.inputs[0].shape[1:])
+    copy = keras.models.clone_model(
+        model, clone_function=clone, input_tensors=keras.Input(shape, dtype=dtype)
+    )
+    copy.set_weights([np.asarray(w, dtype=dtype) for w in model.get_weights()])
+    return copy
+
+
+def _bias_scale(dzdy: np.ndarray) -> float:
+    """A bias derivative sums dzdy over H, W and N; where it cancels to ~0 (a bias
+    followed by bnorm, whose output ignores it) both sides hold rounding noise of that
+    sum, so its scale is the largest per-channel sum of |dzdy|, not its own size."""
+    d = np.abs(as_4d(np.asarray(dzdy, dtype=np.float64)))
+    return float(d.sum(axis=(0, 1, 3)).max())
 
 
 def _identity(z):

@@ -8,7 +8,9 @@ reductions, growing with depth, so its tolerances are wider.
 
 A tensor element counts as a mismatch when ``|keras - ref| > tol * max|ref|``
 (normwise: the scale is the tensor's largest reference element, so tiny elements do
-not produce meaningless relative errors).
+not produce meaningless relative errors). A bias derivative is a sum of dzdy over H, W
+and N: its scale is at least the largest per-channel sum of |dzdy| (where it cancels to
+~0, e.g. a bias followed by batch normalisation, both sides hold rounding noise).
 """
 
 from __future__ import annotations

@@ -132,7 +132,10 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
                 x = cls(size, stride, padding="valid", name=name, **kw)(x)
         elif t == "relu":
             leak = _scalar(layer.get("leak", 0.0))
-            x = keras.layers.ReLU(negative_slope=leak if leak > 0 else 0.0, name=name, **kw)(x)
+            if leak > 0:
+                x = L.MatConvNetLeakyReLU(leak, name=name, **kw)(x)
+            else:
+                x = keras.layers.ReLU(name=name, **kw)(x)
         elif t == "sigmoid":
             x = keras.layers.Activation("sigmoid", name=name, **kw)(x)
         elif t == "softmax":

@@ -2,6 +2,7 @@
 
 - ``MatConvNetPooling``: pooling with MatConvNet's clipped windows (padding is not a
   value: max never picks it, avg divides by the number of real cells).
+- ``MatConvNetLeakyReLU``: vl_nnrelu with a leak held in the data's precision.
 - ``MatConvNetLRN``: vl_nnnormalize's cross-channel LRN (ALPHA not divided by N).
 - ``Subsample``: take every stride-th pixel (strided dilated convolutions, which
   TensorFlow's Conv2D refuses, run as a dilated stride-1 Conv2D followed by this).
@@ -106,6 +107,25 @@ class MatConvNetLRN(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="mcn_harness")
+class MatConvNetLeakyReLU(keras.layers.Layer):
+    """vl_nnrelu with a leak: ``x .* (leak + (1 - leak) * (x > 0))``. Keras' own
+    ``negative_slope`` is applied as a float32 constant, which in float64 shows as a
+    1.5e-8 relative difference: this layer casts the leak to the data's precision."""
+
+    def __init__(self, leak, **kwargs):
+        super().__init__(**kwargs)
+        self.leak = float(leak)
+
+    def call(self, x):
+        # convert_to_tensor with the dtype given: ops.cast would round 0.1 through float32 first
+        leak = ops.convert_to_tensor(self.leak, dtype=self.compute_dtype)
+        return x * (leak + (1 - leak) * ops.cast(x > 0, x.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "leak": self.leak}
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
 class Subsample(keras.layers.Layer):
     """Keep every ``strides``-th row and column, starting at the first."""
 
@@ -182,5 +202,13 @@ class MatConvNetSoftmaxLoss(keras.losses.Loss):
 
 
 CUSTOM_OBJECTS = {
-    cls.__name__: cls for cls in (MatConvNetPooling, MatConvNetLRN, Subsample, AddBias, MatConvNetSoftmaxLoss)
+    cls.__name__: cls
+    for cls in (
+        MatConvNetPooling,
+        MatConvNetLRN,
+        MatConvNetLeakyReLU,
+        Subsample,
+        AddBias,
+        MatConvNetSoftmaxLoss,
+    )
 }

@@ -13,6 +13,7 @@ from .normalize import vl_nnnormalize
 from .pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
 from .pool import vl_nnpool
 from .simplenn import Res, vl_simplenn, vl_simplenn_tidy
+from .train import TrainOpts, cnn_train, cnn_train_step, prepare_net
 from .zoo import seed_net
 
 __all__ = [
@@ -21,6 +22,10 @@ __all__ = [
     "McnError",
     "Net",
     "Res",
+    "TrainOpts",
+    "cnn_train",
+    "cnn_train_step",
+    "prepare_net",
     "load_checkpoint",
     "load_net",
     "save_net",

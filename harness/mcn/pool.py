@@ -56,26 +56,37 @@ def _clipped_counts(n_in: int, n_out: int, pad_before: int, stride: int, size: i
     return np.minimum(first + size, n_in) - np.maximum(first, 0)
 
 
-# Chunks of the flattened C*N axis small enough for every per-tap pass to stay in cache,
-# spread over the cores (numpy releases the GIL inside ufunc loops).
-_CHUNK_ELEMS = 1 << 16
-_executor: ThreadPoolExecutor | None = None
+# Below this many elements the ops run on the calling thread only.
+_PARALLEL_MIN = 1 << 16
+_executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (owning process id, workers, executor)
 
 
-def _run_chunked(kernel: Callable[..., None], *arrays: np.ndarray) -> None:
-    """Apply ``kernel`` to matching slices of 3-D ``(H, W, C*N)`` arrays along their last axis."""
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+def _run_split(kernel: Callable[..., None], *arrays: np.ndarray) -> None:
+    """Apply ``kernel`` to matching slices of 3-D ``(H, W, C*N)`` arrays, one slice per core.
+
+    Pixels and images are independent, so each core takes a contiguous part of the
+    flattened channel-and-image axis (numpy releases the GIL inside its loops); the long
+    contiguous runs keep every per-tap pass a plain streaming loop.
+    """
     global _executor
-    cn, hw = arrays[0].shape[2], arrays[0].shape[0] * arrays[0].shape[1]
-    step = max(16, _CHUNK_ELEMS // max(hw, 1) // 16 * 16)
-    chunks = [slice(k, min(k + step, cn)) for k in range(0, cn, step)]
-    workers = os.cpu_count() or 1
-    if len(chunks) < 2 or workers < 2:
-        for c in chunks:
-            kernel(*(a[:, :, c] for a in arrays))
+    cn = arrays[0].shape[2]
+    workers = min(_cores(), cn)
+    if workers < 2 or min(a.size for a in arrays) < _PARALLEL_MIN:
+        kernel(*arrays)
         return
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mcn-pool")
-    for _ in _executor.map(lambda c: kernel(*(a[:, :, c] for a in arrays)), chunks):
+    # A forked child inherits the executor object but not its threads: make a new one.
+    if _executor is None or _executor[0] != os.getpid() or _executor[1] < workers:
+        _executor = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="mcn-pool"))
+    bounds = [cn * k // workers for k in range(workers + 1)]
+    chunks = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    for _ in _executor[2].map(lambda c: kernel(*(a[:, :, c] for a in arrays)), chunks):
         pass
 
 
@@ -110,7 +121,8 @@ def _avg_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarr
     y.fill(0)
     for _, o, i in taps:
         np.add(y[o], x[i], out=y[o])
-    y *= scale
+    with np.errstate(invalid="ignore"):  # 0 * inf = NaN for an empty input, as in the C++
+        y *= scale
 
 
 def _avg_backward(dzdy: np.ndarray, dzdx: np.ndarray, taps: list[_Tap], scale: np.ndarray) -> None:
@@ -174,19 +186,21 @@ def vl_nnpool(
             _clipped_counts(x.shape[0], out[0], pad_tblr[0], stride_yx[0], pool_hw[0]),
             _clipped_counts(x.shape[1], out[1], pad_tblr[2], stride_yx[1], pool_hw[1]),
         )
-        scale = (dt.type(1) / counts.astype(dt))[:, :, None]
+        with np.errstate(divide="ignore"):  # only an empty input has windows without real cells
+            scale = (dt.type(1) / counts.astype(dt))[:, :, None]
 
     # Reverse tap order in the backward kernels adds each input cell's contributions in the
     # order of nnpooling.cpp's output loop (later outputs reach a cell through earlier taps),
     # so float32 sums agree bit for bit.
-    x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+    cn = x.shape[2] * x.shape[3]
+    x3 = np.ascontiguousarray(x).reshape(x.shape[:2] + (cn,))
     if dzdy is None:
         y = np.empty(out_shape, dt)
-        y3 = y.reshape(out + (-1,))
+        y3 = y.reshape(out + (cn,))
         if method == "max":
-            _run_chunked(lambda x_, y_: _max_forward(x_, y_, taps), x3, y3)
+            _run_split(lambda x_, y_: _max_forward(x_, y_, taps), x3, y3)
         else:
-            _run_chunked(lambda x_, y_: _avg_forward(x_, y_, taps, scale), x3, y3)
+            _run_split(lambda x_, y_: _avg_forward(x_, y_, taps, scale), x3, y3)
         return y
 
     dzdy = as_4d(dzdy, "dzdy", dtype=dt)
@@ -194,11 +208,11 @@ def vl_nnpool(
         raise McnError(
             f"Expected dzdy to have the output shape {out_shape}. Received dzdy.shape={dzdy.shape}"
         )
-    dzdy3 = np.ascontiguousarray(dzdy).reshape(out + (-1,))
+    dzdy3 = np.ascontiguousarray(dzdy).reshape(out + (cn,))
     dzdx = np.empty(x.shape, dt)
     dzdx3 = dzdx.reshape(x3.shape)
     if method == "max":
-        _run_chunked(lambda x_, g_, d_: _max_backward(x_, g_, d_, taps), x3, dzdy3, dzdx3)
+        _run_split(lambda x_, g_, d_: _max_backward(x_, g_, d_, taps), x3, dzdy3, dzdx3)
     else:
-        _run_chunked(lambda g_, d_: _avg_backward(g_, d_, taps, scale), dzdy3, dzdx3)
+        _run_split(lambda g_, d_: _avg_backward(g_, d_, taps, scale), dzdy3, dzdx3)
     return dzdx

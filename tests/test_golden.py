@@ -8,11 +8,12 @@ normwise relative error ``max|got - want| / max|want|`` per output. Why each fig
   growing with the length of the reductions (conv: up to FH*FW*FC terms; filter and bias
   derivatives: also summed over the batch and all output pixels).
 - double cases carry float64 rounding only.
-- whole networks (float32): the rounding of a dozen layers compounds, measured worst
-  3.5e-5 (bnorm gains deep in the test-mode bnorm net); a bias derivative is a sum of
-  dzdy over H, W and N, and where it cancels to ~0 (a bias followed by a bnorm layer,
-  whose output is invariant to it) both sides hold rounding noise of that sum: its scale
-  is then the largest per-channel sum of |dzdy|, not its own (zero) size.
+- whole networks (float32): forward from the image, rounding compounds over a dozen
+  layers (measured worst 5.8e-6, the bnorm net); layer by layer from MatConvNet's own
+  inputs, worst 1.2e-6. A bias derivative is a sum of dzdy over H, W and N, and where it
+  cancels to ~0 (a bias followed by a bnorm layer, whose output is invariant to it) both
+  sides hold rounding noise of that sum: its scale is then the largest per-channel sum
+  of |dzdy|, not its own (zero) size.
 - LRN: MatConvNet's CPU kernel uses an approximate power function; the reference
   reproduces that approximation (see harness.mcn.normalize), so LRN is held to float32
   rounding as well (the exact power would differ by up to ~3.3e-3: a recorded limitation
@@ -41,7 +42,7 @@ from harness.mcn import (
     vl_simplenn,
     vl_simplenn_tidy,
 )
-from harness.mcn.net import python_field
+from harness.mcn.net import Net, python_field
 
 from .golden import Case, case_names, case_net, load_case
 
@@ -56,7 +57,7 @@ TOLERANCES = {
     ("loss", "single"): 1e-6,
     ("bnorm", "single"): 2e-6,
     ("lrn", "single"): 1e-6,
-    ("simplenn", "single"): 1e-4,
+    ("simplenn", "single"): 2e-5,
     ("conv", "double"): 1e-14,
     ("pool", "double"): 0.0,
     ("bnorm", "double"): 1e-14,
@@ -164,29 +165,65 @@ def _bias_scale(dzdy: np.ndarray) -> float:
     return float(d.sum(axis=(0, 1, 3)).max())
 
 
-@pytest.mark.parametrize("name", NET_CASES)
-def test_network_case(name: str) -> None:
+def _net_and_res(name: str):
     case = load_case(name)
-    tol = TOLERANCES[(case.family, case.precision)]
     net = vl_simplenn_tidy(case_net(case))
-    mode = case.opts.get("mode", "normal")
-    res = vl_simplenn(
-        net, case.inputs["x"], case.inputs["dzdy"], case.inputs["labels"], mode=mode, dialect=case.dialect
-    )
+    return case, net, case.opts.get("mode", "normal")
+
+
+@pytest.mark.parametrize("name", NET_CASES)
+def test_network_case_forward(name: str) -> None:
+    """The whole network run from the image: every res(i).x and the loss."""
+    case, net, mode = _net_and_res(name)
+    tol = TOLERANCES[(case.family, case.precision)]
+    res = vl_simplenn(net, case.inputs["x"], None, case.inputs["labels"], mode=mode, dialect=case.dialect)
     want = case.outputs
     assert len(res) == len(want["x"]) == len(net.layers) + 1
+    for i, layer in enumerate(net.layers):
+        _check(
+            f"{name}: res({i + 2}).x after layer {layer.name}",
+            res[i + 1].x,
+            want["x"][i + 1],
+            tol,
+            case.dtype,
+        )
+
+
+@pytest.mark.parametrize("name", NET_CASES)
+def test_network_case_layer_by_layer(name: str) -> None:
+    """Every layer, forward and backward, fed MatConvNet's own res(i).x and res(i+1).dzdx.
+
+    Derivatives are checked layer by layer because an end-to-end backward pass is not
+    stable under float32 rounding: a max-pooling window holding a 1-ulp near tie sends
+    its derivative to whichever element rounding made larger (measured: seed_small's pool3
+    input holds 0.0155134816 and 0.0155134806 in MatConvNet and the reverse order after
+    our conv3, which sums in another order), and the flip propagates to every layer below.
+    """
+    case, net, mode = _net_and_res(name)
+    tol = TOLERANCES[(case.family, case.precision)]
+    want = case.outputs
     sub = want.get("dzdw_filter_subsample") or {}
     for i, layer in enumerate(net.layers):
-        where = f"{name}: res({i + 1}) before layer {layer.name}"
-        _check(f"{where} x", res[i].x, want["x"][i], tol, case.dtype)
-        _check(f"{where} dzdx", res[i].dzdx, want["dzdx"][i], tol, case.dtype)
+        where = f"{name}: layer {i + 1} {layer.name}"
+        last = i == len(net.layers) - 1
+        single = Net([layer], net.meta)
+        labels = case.inputs["labels"] if last else None
+        res = vl_simplenn(
+            single,
+            want["x"][i],
+            1.0 if last else want["dzdx"][i + 1],
+            labels,
+            mode=mode,
+            dialect=case.dialect,
+        )
+        _check(f"{where} y", res[1].x, want["x"][i + 1], tol, case.dtype)
+        _check(f"{where} dzdx", res[0].dzdx, want["dzdx"][i], tol, case.dtype)
         want_dzdw = want["dzdw"][i] if isinstance(want["dzdw"][i], list) else []
-        assert len(res[i].dzdw) == len(want_dzdw), f"{where}: {len(res[i].dzdw)} parameter derivatives"
-        for j, (g, w) in enumerate(zip(res[i].dzdw, want_dzdw, strict=True)):
+        assert len(res[0].dzdw) == len(want_dzdw), f"{where}: {len(res[0].dzdw)} parameter derivatives"
+        for j, (g, w) in enumerate(zip(res[0].dzdw, want_dzdw, strict=True)):
             if j == 0 and layer.name in sub and np.size(w) == 0:
                 _check_subsampled(f"{where} dzdw{{1}}", g, sub[layer.name], tol)
             else:
                 is_bias = (layer.type == "conv" and j == 1) or (layer.type == "bnorm" and j == 1)
                 scale = _bias_scale(want["dzdx"][i + 1]) if is_bias else 0.0
                 _check(f"{where} dzdw{{{j + 1}}}", g, w, tol, case.dtype, scale)
-    _check(f"{name}: loss", res[-1].x, want["x"][-1], tol, case.dtype)

@@ -1,13 +1,17 @@
 """Convolution and transposed convolution: ``vl_nnconv`` and ``vl_nnconvt``.
 
 This file owns MatConvNet's two BLAS-backed linear layers, forward and backward, and
-their argument checks. Arrays cross the public boundary as ``H x W x C x N``; inside,
-each call moves the data once to ``N x H x W x C`` so that an im2row matrix (one row per
-output pixel, columns ordered ``(fh, fw, c)``) multiplies ``F.reshape(-1, K)`` directly:
-the C-order reshape of an ``FH x FW x FC x K`` filter bank has exactly that row order.
-The batch is processed in chunks so that the im2row buffer stays near ``_CHUNK_BYTES``.
+their argument checks. Everything stays ``H x W x C x N``, images last: the column
+matrix of a filter group is ``(FH*FW*FC) x (Ho*Wo*N)`` with rows ordered ``(fh, fw, c)``,
+the row order of the C-order reshape ``F.reshape(-1, K)`` of an ``FH x FW x FC x K``
+filter bank, so each product is one BLAS call, ``F.reshape(-1, K).T @ cols`` giving
+``K x (Ho*Wo*N)``. Keeping the images last means every copy moves runs of N numbers and
+no 4-D transpose of the data is ever needed. Output rows are processed in chunks so that
+the column buffer stays near ``_CHUNK_BYTES``. When the one window covers the whole
+unpadded input (MatConvNet's "fully connected" mode, 1x1 convolutions on 1x1 inputs) the
+input itself is the column matrix.
 
-``vl_nnconvt`` is built from the same three kernels, exactly as MatConvNet builds it
+``vl_nnconvt`` is built from the same kernels, exactly as MatConvNet builds it
 (src/bits/nnconv.cu, ConvolutionTranspose*): its forward pass is the data derivative of a
 convolution with stride ``upsample`` and padding ``crop``, and its data derivative is that
 convolution's forward pass.
@@ -15,6 +19,7 @@ convolution's forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +29,18 @@ from harness.mcn._util import McnError, as_4d, float_dtype, is_empty, pad4, pair
 
 __all__ = ["vl_nnconv", "vl_nnconvt"]
 
-# Upper bound on the im2row buffer of one chunk of images (one filter group).
-_CHUNK_BYTES = 64 * 2**20
+# Upper bound on the column buffer of one chunk of output rows (one filter group).
+_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
 class _Geom:
-    """One convolution's geometry, in the "forward convolution" sense (also for convt)."""
+    """One convolution's geometry, in the forward-convolution sense (also for convt)."""
 
     fh: int
     fw: int
+    fc: int
+    k: int
     pad: tuple[int, int, int, int]
     stride: tuple[int, int]
     dilate: tuple[int, int]
@@ -42,159 +49,142 @@ class _Geom:
     wo: int
 
     @property
-    def pointwise(self) -> bool:
-        # A 1x1 filter with unit stride and no padding reads each pixel once: im2row is the
-        # input itself.
-        return self.fh == 1 and self.fw == 1 and self.stride == (1, 1) and self.pad == (0, 0, 0, 0)
+    def kd(self) -> int:
+        """Rows of a group's column matrix."""
+        return self.fh * self.fw * self.fc
 
-    def tap(self, i: int, j: int) -> tuple[slice, slice]:
-        """Rows and columns of the padded input read by filter tap (i, j) for all outputs."""
+    def groups_slices(self) -> Iterator[tuple[slice, slice]]:
+        """(input channels, filters) of each group."""
+        kg = self.k // self.groups
+        for q in range(self.groups):
+            yield slice(q * self.fc, (q + 1) * self.fc), slice(q * kg, (q + 1) * kg)
+
+    def direct(self, hp: int, wp: int) -> bool:
+        """The one window covers the whole unpadded input: the input is the column matrix."""
+        return (self.ho, self.wo, self.fh, self.fw, self.pad) == (1, 1, hp, wp, (0, 0, 0, 0))
+
+    def row_chunks(self, n: int, dtype: np.dtype) -> tuple[list[slice], np.ndarray]:
+        """Chunks of output rows whose column matrix fits in ``_CHUNK_BYTES``, and a buffer
+        for one chunk's columns."""
+        step = min(self.ho, max(1, _CHUNK_BYTES // max(1, self.kd * self.wo * n * np.dtype(dtype).itemsize)))
+        chunks = [slice(h0, min(h0 + step, self.ho)) for h0 in range(0, self.ho, step)]
+        return chunks, np.empty(self.kd * step * self.wo * n, dtype=dtype)
+
+    def tap(self, i: int, j: int, rows: slice) -> tuple[slice, slice]:
+        """Padded-input rows and columns that filter tap (i, j) reads for output ``rows``."""
         (sy, sx), (dy, dx) = self.stride, self.dilate
         return (
-            slice(i * dy, i * dy + (self.ho - 1) * sy + 1, sy),
+            slice(rows.start * sy + i * dy, (rows.stop - 1) * sy + i * dy + 1, sy),
             slice(j * dx, j * dx + (self.wo - 1) * sx + 1, sx),
         )
 
 
-def _chunks(n: int, row_bytes: int) -> list[slice]:
-    step = max(1, min(n, _CHUNK_BYTES // max(row_bytes, 1)))
-    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
-
-
-def _to_padded_nhwc(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
-    """H x W x C x N -> zero-padded N x Hp x Wp x C, in one copy."""
-    h, w, c, n = x.shape
-    pt, pb, pl, pr = pad
+def _pad(x: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
     if pad == (0, 0, 0, 0):
-        return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
-    xp = np.zeros((n, h + pt + pb, w + pl + pr, c), dtype=x.dtype)
-    xp[:, pt : pt + h, pl : pl + w, :] = x.transpose(3, 0, 1, 2)
+        return x
+    pt, pb, pl, pr = pad
+    h, w, c, n = x.shape
+    xp = np.zeros((h + pt + pb, w + pl + pr, c, n), dtype=x.dtype)
+    xp[pt : pt + h, pl : pl + w] = x
     return xp
 
 
-def _from_padded_nhwc(xp: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
-    """Padded N x Hp x Wp x C -> H x W x C x N (contiguous), dropping the padding."""
+def _unpad(xp: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
+    if pad == (0, 0, 0, 0):
+        return xp
     pt, pb, pl, pr = pad
-    _, hp, wp, _ = xp.shape
-    return np.ascontiguousarray(xp[:, pt : hp - pb, pl : wp - pr, :].transpose(1, 2, 3, 0))
+    return np.ascontiguousarray(xp[pt : xp.shape[0] - pb, pl : xp.shape[1] - pr])
 
 
-def _from_nhwc(yn: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """N x H x W x K -> H x W x K x N, adding the bias during the one copy it costs."""
-    out = np.empty(yn.shape[1:] + yn.shape[:1], dtype=yn.dtype)
-    src = yn.transpose(1, 2, 3, 0)
-    if bias is None:
-        np.copyto(out, src)
-    else:
-        np.add(src, bias.reshape(-1, 1), out=out)
-    return out
-
-
-def _im2row(xp: np.ndarray, g: _Geom, cs: slice, out: np.ndarray) -> np.ndarray:
-    """Fill ``out`` (n x Ho x Wo x FH x FW x FC) from padded NHWC ``xp``; return it as rows."""
-    n, _, _, c = xp.shape
-    if g.dilate[1] == 1 and cs == slice(0, c):
-        # Undilated in x and all channels: the FW taps of one filter row are FW*C consecutive
-        # numbers in xp, so each filter row is one block copy (much faster than FW copies).
-        sn, sh, sw, _ = xp.strides
-        for i in range(g.fh):
-            rows, _ = g.tap(i, 0)
-            window = np.lib.stride_tricks.as_strided(
-                xp[:, rows],
-                shape=(n, g.ho, g.wo, g.fw * c),
-                strides=(sn, sh * g.stride[0], sw * g.stride[1], xp.itemsize),
-            )
-            out[:, :, :, i].reshape(n, g.ho, g.wo, g.fw * c)[...] = window
-        return out.reshape(n * g.ho * g.wo, -1)
+def _im2col(xp: np.ndarray, g: _Geom, rows: slice, cs: slice, buf: np.ndarray) -> np.ndarray:
+    """Columns of output ``rows`` for channels ``cs``: (FH*FW*FC) x (rows*Wo*N), in ``buf``."""
+    n = xp.shape[3]
+    cols = buf[: g.kd * (rows.stop - rows.start) * g.wo * n].reshape(
+        g.fh, g.fw, g.fc, rows.stop - rows.start, g.wo, n
+    )
     for i in range(g.fh):
         for j in range(g.fw):
-            rows, cols = g.tap(i, j)
-            out[:, :, :, i, j, :] = xp[:, rows, cols, cs]
-    return out.reshape(n * g.ho * g.wo, -1)
+            ys, xs = g.tap(i, j, rows)
+            cols[i, j] = xp[ys, xs, cs].transpose(2, 0, 1, 3)
+    return cols.reshape(g.kd, -1)
 
 
-def _row2im_add(dcols: np.ndarray, g: _Geom, cs: slice, dxp: np.ndarray) -> None:
-    """Adjoint of ``_im2row``: accumulate n x Ho x Wo x FH x FW x FC rows into ``dxp``."""
+def _col2im_add(dcols: np.ndarray, g: _Geom, rows: slice, cs: slice, dxp: np.ndarray) -> None:
+    """Adjoint of ``_im2col``: accumulate (FH*FW*FC) x (rows*Wo*N) columns into ``dxp``."""
+    d = dcols.reshape(g.fh, g.fw, g.fc, rows.stop - rows.start, g.wo, dxp.shape[3])
     for i in range(g.fh):
         for j in range(g.fw):
-            rows, cols = g.tap(i, j)
-            dxp[:, rows, cols, cs] += dcols[:, :, :, i, j, :]
+            ys, xs = g.tap(i, j, rows)
+            dxp[ys, xs, cs] += d[i, j].transpose(1, 2, 0, 3)
 
 
-def _group_slices(g: _Geom, fc: int, k: int) -> list[tuple[slice, slice]]:
-    kg = k // g.groups
-    return [(slice(q * fc, (q + 1) * fc), slice(q * kg, (q + 1) * kg)) for q in range(g.groups)]
+def _direct_cols(xp: np.ndarray, cs: slice) -> np.ndarray:
+    """The column matrix when one window covers the input: the input itself, (H*W*FC) x N."""
+    return xp[:, :, cs].reshape(-1, xp.shape[3])
 
 
-def _conv_forward(xp: np.ndarray, f: np.ndarray, g: _Geom) -> np.ndarray:
-    """y[n, oy, ox, k] = sum_{i,j,c} xp[n, oy*sy + i*dy, ox*sx + j*dx, c] f[i, j, c, k] (per group)."""
-    n, _, _, c = xp.shape
-    fh, fw, fc, k = f.shape
-    y = np.empty((n, g.ho, g.wo, k), dtype=xp.dtype)
-    groups = _group_slices(g, fc, k)
-    if g.pointwise:
-        x2, y2 = xp.reshape(-1, c), y.reshape(-1, k)
-        for cs, ks in groups:
-            y2[:, ks] = x2[:, cs] @ f[0, 0, :, ks]
+def _conv_forward(xp: np.ndarray, f: np.ndarray, g: _Geom, bias: np.ndarray | None) -> np.ndarray:
+    """y[oy, ox, k, n] = b[k] + sum_{i,j,c} xp[oy*sy + i*dy, ox*sx + j*dx, g*FC + c, n] f[i, j, c, k]."""
+    n = xp.shape[3]
+    y = np.empty((g.ho, g.wo, g.k, n), dtype=xp.dtype)
+    kg = g.k // g.groups
+    if g.direct(*xp.shape[:2]):
+        for cs, ks in g.groups_slices():
+            y[0, 0, ks] = f[:, :, :, ks].reshape(-1, kg).T @ _direct_cols(xp, cs)
+        if bias is not None:
+            y += bias.reshape(-1, 1)
         return y
-    buf = np.empty(n * g.ho * g.wo * fh * fw * fc, dtype=xp.dtype)
-    for ns in _chunks(n, g.ho * g.wo * fh * fw * fc * xp.itemsize):
-        nb = ns.stop - ns.start
-        cols = buf[: nb * g.ho * g.wo * fh * fw * fc].reshape(nb, g.ho, g.wo, fh, fw, fc)
-        for cs, ks in groups:
-            rows = _im2row(xp[ns], g, cs, cols)
-            wg = f[:, :, :, ks].reshape(-1, ks.stop - ks.start)
-            if g.groups == 1:
-                np.matmul(rows, wg, out=y[ns].reshape(-1, k))
-            else:
-                y[ns].reshape(-1, k)[:, ks] = rows @ wg
+    chunks, buf = g.row_chunks(n, xp.dtype)
+    for rows in chunks:
+        for cs, ks in g.groups_slices():
+            prod = f[:, :, :, ks].reshape(-1, kg).T @ _im2col(xp, g, rows, cs, buf)
+            prod = prod.reshape(kg, rows.stop - rows.start, g.wo, n).transpose(1, 2, 0, 3)
+            if bias is None:
+                y[rows, :, ks] = prod
+            else:  # the bias rides along with the copy into y
+                np.add(prod, bias[ks, None], out=y[rows, :, ks])
     return y
 
 
-def _conv_backward_data(dy: np.ndarray, f: np.ndarray, g: _Geom, padded_hw: tuple[int, int]) -> np.ndarray:
-    """dxp = adjoint of ``_conv_forward`` in its input, on the padded N x Hp x Wp x C grid."""
-    n = dy.shape[0]
-    fh, fw, fc, k = f.shape
-    c = fc * g.groups
-    groups = _group_slices(g, fc, k)
-    if g.pointwise:
-        dxp = np.empty((n, *padded_hw, c), dtype=dy.dtype)
-        dx2, dy2 = dxp.reshape(-1, c), dy.reshape(-1, k)
-        for cs, ks in groups:
-            dx2[:, cs] = dy2[:, ks] @ f[0, 0, :, ks].T
-        return dxp
-    dxp = np.zeros((n, *padded_hw, c), dtype=dy.dtype)
-    buf = np.empty(n * g.ho * g.wo * fh * fw * fc, dtype=dy.dtype)
-    for ns in _chunks(n, g.ho * g.wo * fh * fw * fc * dy.itemsize):
-        nb = ns.stop - ns.start
-        dcols = buf[: nb * g.ho * g.wo * fh * fw * fc].reshape(nb * g.ho * g.wo, fh * fw * fc)
-        dy2 = dy[ns].reshape(-1, k)
-        for cs, ks in groups:
-            np.matmul(dy2[:, ks], f[:, :, :, ks].reshape(-1, ks.stop - ks.start).T, out=dcols)
-            _row2im_add(dcols.reshape(nb, g.ho, g.wo, fh, fw, fc), g, cs, dxp[ns])
-    return dxp
-
-
-def _conv_backward_filter(xp: np.ndarray, dy: np.ndarray, fshape: tuple[int, ...], g: _Geom) -> np.ndarray:
-    """df[i, j, c, k] = sum_{n, oy, ox} xp[n, oy*sy + i*dy, ox*sx + j*dx, c] dy[n, oy, ox, k]."""
-    n, _, _, c = xp.shape
-    fh, fw, fc, k = fshape
-    groups = _group_slices(g, fc, k)
-    df = np.zeros((fh * fw * fc, k), dtype=xp.dtype)
-    if g.pointwise:
-        x2, dy2 = xp.reshape(-1, c), dy.reshape(-1, k)
-        for cs, ks in groups:
-            df[:, ks] = x2[:, cs].T @ dy2[:, ks]
-        return df.reshape(fshape)
-    buf = np.empty(n * g.ho * g.wo * fh * fw * fc, dtype=xp.dtype)
-    for ns in _chunks(n, g.ho * g.wo * fh * fw * fc * xp.itemsize):
-        nb = ns.stop - ns.start
-        cols = buf[: nb * g.ho * g.wo * fh * fw * fc].reshape(nb, g.ho, g.wo, fh, fw, fc)
-        dy2 = dy[ns].reshape(-1, k)
-        for cs, ks in groups:
-            rows = _im2row(xp[ns], g, cs, cols)
-            df[:, ks] += rows.T @ dy2[:, ks]
-    return df.reshape(fshape)
+def _conv_backward(
+    xp: np.ndarray | None,
+    dy: np.ndarray,
+    f: np.ndarray,
+    g: _Geom,
+    padded_hw: tuple[int, int],
+    *,
+    data: bool,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Derivatives of ``_conv_forward`` projected on ``dy``: (dxp on the padded grid if
+    ``data``, df if ``xp`` is given). dxp is the transposed convolution of dy."""
+    n = dy.shape[3]
+    kg = g.k // g.groups
+    dt = dy.dtype
+    dxp = None
+    if data:
+        dxp = np.zeros((*padded_hw, g.fc * g.groups, n), dtype=dt)
+    df = None if xp is None else np.zeros((g.k, g.kd), dtype=dt)  # transposed, filled per group
+    if g.direct(*padded_hw):
+        for cs, ks in g.groups_slices():
+            dyg = dy[0, 0, ks]
+            if dxp is not None:
+                dxp[:, :, cs] = (f[:, :, :, ks].reshape(-1, kg) @ dyg).reshape(*padded_hw, g.fc, n)
+            if df is not None:
+                df[ks] = dyg @ _direct_cols(xp, cs).T
+    else:
+        chunks, buf = g.row_chunks(n, dt)
+        for rows in chunks:
+            for cs, ks in g.groups_slices():
+                dyg = np.ascontiguousarray(dy[rows, :, ks].transpose(2, 0, 1, 3)).reshape(kg, -1)
+                if df is not None:
+                    df[ks] += dyg @ _im2col(xp, g, rows, cs, buf).T
+                if dxp is not None:
+                    dcols = buf[: g.kd * dyg.shape[1]].reshape(g.kd, -1)
+                    np.matmul(f[:, :, :, ks].reshape(-1, kg), dyg, out=dcols)
+                    _col2im_add(dcols, g, rows, cs, dxp)
+    if df is not None:
+        df = np.ascontiguousarray(df.T).reshape(g.fh, g.fw, g.fc, g.k)
+    return dxp, df
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,14 +220,13 @@ def _empty(dt: np.dtype) -> np.ndarray:
     return np.zeros((0, 0), dtype=dt)
 
 
-def _dzdb(dyn: np.ndarray, b: Any, bvec: np.ndarray | None) -> np.ndarray:
-    """Bias derivative: sum of NHWC dzdy over pixels and images, in the shape b was given.
-
-    Zero padding around ``dyn`` is harmless, which lets convt pass its padded copy."""
+def _dzdb(dzdy: np.ndarray, b: Any, bvec: np.ndarray | None) -> np.ndarray:
+    """Bias derivative: dzdy summed over pixels and images, in the shape b was given."""
     if bvec is None:
-        return _empty(dyn.dtype)
-    s = dyn.sum(axis=(0, 1, 2), dtype=np.float64)
-    return s.astype(dyn.dtype).reshape(np.shape(b))
+        return _empty(dzdy.dtype)
+    # Images first: a pairwise sum along the contiguous axis, then pixels in float64.
+    per_pixel = dzdy.sum(axis=3)
+    return per_pixel.sum(axis=(0, 1), dtype=np.float64).astype(dzdy.dtype).reshape(np.shape(b))
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,26 +289,16 @@ def vl_nnconv(
             f"({h + pt + pb} x {w + pl + pr}). Received f.shape={f.shape}, x.shape={x.shape}, pad={pad!r}, "
             f"dilate={dilate!r}"
         )
-    g = _Geom(
-        fh,
-        fw,
-        pad_,
-        stride_,
-        dilate_,
-        groups,
-        (h + pt + pb - ext_h) // stride_[0] + 1,
-        (w + pl + pr - ext_w) // stride_[1] + 1,
-    )
+    ho, wo = (h + pt + pb - ext_h) // stride_[0] + 1, (w + pl + pr - ext_w) // stride_[1] + 1
+    g = _Geom(fh, fw, fc, k, pad_, stride_, dilate_, groups, ho, wo)
     bvec = _bias(b, k, dt, "one per filter")
 
-    xp = _to_padded_nhwc(x, pad_)
+    xp = _pad(x, pad_)
     if dzdy is None:
-        return _from_nhwc(_conv_forward(xp, f, g), bvec)
-
-    dyn = np.ascontiguousarray(_dzdy(dzdy, (g.ho, g.wo, k, n), dt).transpose(3, 0, 1, 2))
-    dzdx = _from_padded_nhwc(_conv_backward_data(dyn, f, g, xp.shape[1:3]), pad_)
-    dzdf = _conv_backward_filter(xp, dyn, f.shape, g)
-    return dzdx, dzdf, _dzdb(dyn, b, bvec)
+        return _conv_forward(xp, f, g, bvec)
+    dzdy = _dzdy(dzdy, (ho, wo, k, n), dt)
+    dxp, dzdf = _conv_backward(xp, dzdy, f, g, xp.shape[:2], data=True)
+    return _unpad(dxp, pad_), dzdf, _dzdb(dzdy, b, bvec)
 
 
 def _subsample(
@@ -352,7 +331,7 @@ def _subsample(
     d = _dzdy(dzdy, (ho, wo, c, n), dt)
     dzdx = np.zeros_like(x)
     dzdx[src] = d[inner]
-    dzdb = _empty(dt) if bvec is None else _dzdb(np.ascontiguousarray(d.transpose(3, 0, 1, 2)), b, bvec)
+    dzdb = _dzdb(d, b, bvec)
     return dzdx, _empty(dt), dzdb
 
 
@@ -409,17 +388,16 @@ def vl_nnconvt(
     bvec = _bias(b, ky, dt, "K * num_groups, one per output channel")
     # The equivalent forward convolution maps the K*G-channel output back to x: stride
     # upsample, padding crop, implicit groups G, filters of depth K.
-    g = _Geom(fh, fw, crop_, up, (1, 1), groups, h, w)
+    g = _Geom(fh, fw, k, d, crop_, up, (1, 1), groups, h, w)
     padded_hw = (hy + ct + cb, wy + cl + cr)
 
-    xn = np.ascontiguousarray(x.transpose(3, 0, 1, 2))
     if dzdy is None:
-        y = _from_padded_nhwc(_conv_backward_data(xn, f, g, padded_hw), crop_)
+        y = _unpad(_conv_backward(None, x, f, g, padded_hw, data=True)[0], crop_)
         if bvec is not None:
             y += bvec.reshape(-1, 1)
         return y
-
-    dyp = _to_padded_nhwc(_dzdy(dzdy, (hy, wy, ky, n), dt), crop_)
-    dzdx = _from_nhwc(_conv_forward(dyp, f, g), None)
-    dzdf = _conv_backward_filter(dyp, xn, f.shape, g)
-    return dzdx, dzdf, _dzdb(dyp, b, bvec)
+    dzdy = _dzdy(dzdy, (hy, wy, ky, n), dt)
+    dyp = _pad(dzdy, crop_)
+    dzdx = _conv_forward(dyp, f, g, None)
+    dzdf = _conv_backward(dyp, x, f, g, padded_hw, data=False)[1]
+    return dzdx, dzdf, _dzdb(dzdy, b, bvec)

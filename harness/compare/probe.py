@@ -35,22 +35,25 @@ CONVENTIONS = {
 class _Weights:
     """Loads net parameters into the aligned Keras layers; maps gradients back."""
 
-    def __init__(self, net: Net, model, alignment: Alignment, dtype: str):
+    def __init__(self, net: Net, model, alignment: Alignment, dtype: str, load: bool = True):
         self.notes: list[str] = []
         self.problems: list[str] = []
         self.embedded: dict[str, tuple[int, tuple]] = {}  # keras layer -> (groups, mcn filter shape)
         self.dtype = dtype
+        self.load = load
+        # with load=False: (pair index, name, net's values in Keras layout, Keras' own values)
+        self.kept: list[tuple[int, str, np.ndarray, np.ndarray]] = []
         for pair in alignment.pairs:
             if pair.param_layer is None:
                 continue
             layer = net.layers[pair.index]
             klayer = model.get_layer(pair.param_layer)
             try:
-                self._load(layer, klayer)
+                self._load(layer, klayer, pair.index)
             except McnError as err:
                 self.problems.append(f"layer '{layer.name}' -> Keras '{klayer.name}': {err}")
 
-    def _load(self, layer, klayer) -> None:
+    def _load(self, layer, klayer, index: int) -> None:
         current = klayer.get_weights()
         cls = type(klayer).__name__
         if layer.type == "bnorm":
@@ -63,7 +66,8 @@ class _Weights:
             if klayer.center:
                 values.append(b.ravel())
             values += [m[:, 0], m[:, 1] ** 2 - eps_k]
-            self._set(klayer, values, current)
+            names = (["w{1}"] if klayer.scale else []) + (["w{2}"] if klayer.center else [])
+            self._set(klayer, values, current, index, [*names, "w{3}.mean", "w{3}.var"])
             return
         f = np.asarray(layer.weights[0], dtype=np.float64)
         b = layer.weights[1] if len(layer.weights) > 1 else None
@@ -87,7 +91,7 @@ class _Weights:
             self.notes.append(
                 f"Keras layer '{klayer.name}' has no bias where MatConvNet's '{layer.name}' has one"
             )
-        self._set(klayer, values, current)
+        self._set(klayer, values, current, index, ["w{1}", "w{2}"])
 
     def _embed(self, klayer, f: np.ndarray, kernel_shape: tuple, dense: bool) -> np.ndarray:
         fh, fw, fc, k = f.shape
@@ -105,18 +109,26 @@ class _Weights:
         self.embedded[klayer.name] = (groups, f.shape)
         self.notes.append(
             f"Keras layer '{klayer.name}' cannot hold MatConvNet's {groups} filter groups "
-            f"(kernel {kernel_shape} vs filters {f.shape}): weights embedded block-diagonally; "
-            f"its parameter derivative off the diagonal blocks is reported as a mismatch"
+            f"(kernel {kernel_shape} vs filters {f.shape}): weights "
+            + ("embedded block-diagonally" if self.load else "compared block-diagonally")
+            + "; its parameter derivative off the diagonal blocks is reported as a mismatch"
+            " (fix: Conv2D(..., groups=" + str(groups) + "))"
         )
         return full.reshape(kernel_shape)
 
-    def _set(self, klayer, values: list[np.ndarray], current: list[np.ndarray]) -> None:
+    def _set(self, klayer, values: list[np.ndarray], current: list[np.ndarray], index: int, names) -> None:
         if [np.shape(v) for v in values] != [c.shape for c in current]:
             raise McnError(
                 f"Expected parameter shapes {[c.shape for c in current]}. "
                 f"Received MatConvNet shapes {[np.shape(v) for v in values]}"
             )
-        klayer.set_weights([np.asarray(v, dtype=c.dtype) for v, c in zip(values, current, strict=True)])
+        if self.load:
+            klayer.set_weights([np.asarray(v, dtype=c.dtype) for v, c in zip(values, current, strict=True)])
+        else:
+            for name, v, c in zip(names, values, current, strict=False):
+                self.kept.append(
+                    (index, name, np.asarray(v, dtype=np.float64), np.asarray(c, dtype=np.float64))
+                )
 
     def grads_to_mcn(
         self, layer, klayer, grads: list
@@ -162,7 +174,7 @@ def _as_mcn(t: np.ndarray) -> np.ndarray:
     return t
 
 
-def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="", scale=0.0) -> Row:
+def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="", scale=0.0, same_layout=False) -> Row:
     ref = np.asarray(ref, dtype=np.float64)
     if got is None:
         return Row(
@@ -184,7 +196,10 @@ def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="", scale=0.0)
     scale = max(float(np.max(np.abs(ref))), scale, 1e-300)
     bad = diff > tol * scale
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    keras_idx = [int(worst[3]), int(worst[0]), int(worst[1]), int(worst[2])] if ref.ndim == 4 else None
+    if same_layout:
+        keras_idx = [int(i) for i in worst]
+    else:
+        keras_idx = [int(worst[3]), int(worst[0]), int(worst[1]), int(worst[2])] if ref.ndim == 4 else None
     return Row(
         pair_name,
         pair_type,
@@ -214,12 +229,15 @@ def compare(
     dialect: str = "master",
     mapping: dict[str, list[str]] | None = None,
     seed: int = 0,
+    weights: str = "net",
 ) -> Report:
     """Compare ``net`` (MatConvNet reference) with a Keras ``model`` on one batch.
 
     ``x`` is ``H x W x C x N`` (MatConvNet layout), ``labels`` 1-based (0 = ignore).
     The net's weights are loaded into ``model`` (or into a float64 clone of it when it
-    computes in another precision than ``dtype``). Returns a Report with a
+    computes in another precision than ``dtype``). With ``weights="model"`` the model
+    keeps its own weights (to check a port's own weight transfer): each parameter is then
+    compared too (rows ``w{j}``, in Keras' layout). Returns a Report with a
     row per aligned layer and tensor.
     """
     import tensorflow as tf
@@ -233,7 +251,9 @@ def compare(
     n = x.shape[3]
     model = with_dtype(model, dtype)
     alignment = align(net, model, mapping)
-    weights = _Weights(net, model, alignment, dtype)
+    if weights not in ("net", "model"):
+        raise McnError(f"Expected weights 'net' or 'model'. Received weights={weights!r}")
+    params = _Weights(net, model, alignment, dtype, load=weights == "net")
 
     # dropout masks shared by both sides in 'normal' mode
     rng = np.random.default_rng(seed)
@@ -326,6 +346,22 @@ def compare(
         pair = alignment.pairs[idx]
         layer = net.layers[idx]
         note = "; ".join(pair.notes)
+        for kidx, wname, ref_w, keras_w in params.kept:
+            if kidx == idx:
+                rows.append(
+                    _row(
+                        layer.name,
+                        layer.type,
+                        pair.param_layer,
+                        wname,
+                        ref_w,
+                        keras_w,
+                        tol.forward,
+                        "",
+                        0.0,
+                        True,
+                    )
+                )
         rows.append(
             _row(
                 layer.name,
@@ -352,7 +388,7 @@ def compare(
         if pair.param_layer:
             kl = model.get_layer(pair.param_layer)
             gk = [None if g is None else g.numpy() for g in param_grads[idx]]
-            mapped = weights.grads_to_mcn(layer, kl, gk) if all(g is not None for g in gk) else []
+            mapped = params.grads_to_mcn(layer, kl, gk) if all(g is not None for g in gk) else []
             for name, g, off in mapped:
                 j = int(name[5]) - 1
                 scale = _bias_scale(res[idx + 1].dzdx) if j == 1 else 0.0
@@ -393,8 +429,8 @@ def compare(
         mode=mode,
         dialect=dialect,
         convention=CONVENTIONS[dialect],
-        alignment_problems=alignment.problems + weights.problems,
-        notes=weights.notes,
+        alignment_problems=alignment.problems + params.problems,
+        notes=params.notes,
         limitations=limitations,
     )
     report.first_divergence = _first_divergence(report, net)
@@ -475,7 +511,7 @@ def _first_divergence(report: Report, net: Net) -> dict | None:
     bad = [r for r in report.rows if not r.ok]
     if not bad:
         return None
-    fwd = [r for r in bad if r.tensor in ("x", "loss")]
+    fwd = [r for r in bad if r.tensor in ("x", "loss") or r.tensor.startswith("w{")]
     if fwd:
         r = min(fwd, key=lambda r: names.index(r.layer))
         return {"layer": r.layer, "keras": r.keras, "tensor": r.tensor, "culprit": r.layer}

@@ -10,9 +10,11 @@ JSON schema (``Report.to_json()``, stable; keys sorted):
                "numel": int, "mismatches": int, "max_abs": float, "max_rel": float,
                "tolerance": float, "worst_index_mcn": [int] | null,
                "worst_index_keras": [int] | null, "ref_value": float | null,
-               "keras_value": float | null, "note": str}]}
+               "keras_value": float | null, "note": str,
+               "limitation": str}]}
 
-``max_rel`` is normwise: ``max|keras - ref| / max|ref|``. Indices are 0-based, in
+A row whose ``limitation`` is set differs for a known, accepted reason (listed in
+``limitations``) and does not count as a divergence. ``max_rel`` is normwise: ``max|keras - ref| / max|ref|``. Indices are 0-based, in
 MatConvNet's ``H x W x C x N`` layout and in Keras' ``N x H x W x C`` layout.
 """
 
@@ -43,6 +45,7 @@ class Row:
     ref_value: float | None = None
     keras_value: float | None = None
     note: str = ""
+    limitation: str = ""  # a known, accepted difference explains this row (not a divergence)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Report:
         )
         lines += [header, "-" * len(header)]
         for r in self.rows:
-            status = "ok" if r.ok else "DIFF"
+            status = "ok" if r.ok else ("known" if r.limitation else "DIFF")
             mism = f"{r.mismatches}/{r.numel}"
             worst = ""
             if not r.ok and r.worst_index_mcn is not None:

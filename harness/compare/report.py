@@ -15,7 +15,8 @@ JSON schema (``Report.to_json()``, stable; keys sorted):
 
 A row whose ``limitation`` is set differs for a known, accepted reason (listed in
 ``limitations``) and does not count as a divergence. ``max_rel`` is normwise:
-``max|keras - ref| / max|ref|``. Indices are 0-based, in MatConvNet's ``H x W x C x N`` layout and in Keras' ``N x H x W x C`` layout.
+``max|keras - ref| / max|ref|``. Indices are 0-based, in MatConvNet's ``H x W x C x N``
+layout and in Keras' ``N x H x W x C`` layout.
 """
 
 from __future__ import annotations

@@ -120,3 +120,33 @@ def test_test_mode_bnorm_quirk_is_a_recorded_limitation():
     assert any(not r.ok for r in limited)  # the difference is real, and shown as "known"
     assert all(r.ok for r in report.rows if r.tensor == "x")  # the forward pass is exact
     assert "known" in str(report) and any("batch statistics" in lim for lim in report.limitations)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("mode", ["normal", "test"])
+def test_convt_translation_is_equivalent(groups, mode):
+    from harness.mcn.net import Layer, Net
+
+    rng = np.random.RandomState(groups)
+    layers = [
+        Layer("conv", "conv1", [rng.randn(3, 3, 2, 4), rng.randn(1, 4)], pad=[1, 0, 0, 1], stride=2),
+        Layer("relu", "relu1"),
+        Layer(
+            "convt",
+            "up1",
+            [rng.randn(3, 2, 3, 4), rng.randn(1, 3 * groups)],
+            upsample=[2, 1],
+            crop=[1, 0, 0, 1],
+            num_groups=groups,
+        ),  # fmt: skip
+        Layer("conv", "fc", [rng.randn(8, 4, 3 * groups, 3), rng.randn(1, 3)]),
+        Layer("softmaxloss", "loss"),
+    ]
+    net = vl_simplenn_tidy(Net(layers, {"inputSize": np.array([[9.0, 9.0, 2.0]])}))
+    x = rng.randn(9, 9, 2, 2)
+    res = vl_simplenn(net, x, 1.0, [[1, 3]])
+    assert res[-2].x.shape == (1, 1, 3, 2)
+    model = to_keras(net)
+    report = harness.compare(net, model, x, [[1, 3]], mode=mode)
+    assert report.ok, str(report)
+    assert sum(r.tensor.startswith("dzdw") for r in report.rows) == 6

@@ -37,6 +37,7 @@ _KINDS = {
     "BatchNormalization": "bnorm",
     "MatConvNetLRN": "lrn",
     "Conv2DTranspose": "convt",
+    "GroupedConv2DTranspose": "convt",
     "Cropping2D": "crop",
     "InputLayer": "input",
 }

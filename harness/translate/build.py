@@ -154,24 +154,24 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
         elif t == "convt":
             f, b = layer.weights[0], layer.weights[1] if len(layer.weights) > 1 else None
             groups = int(_scalar(layer.num_groups, 1))
-            if groups != 1:
-                raise TranslationError(
-                    f"{where}: Expected num_groups 1 (Keras' Conv2DTranspose has no groups). "
-                    f"Received num_groups={groups}"
-                )
             f = np.asarray(f)
             f = f.reshape(f.shape + (1,) * (4 - f.ndim))
             up = pair(layer.upsample, "upsample")
             crop = pad4(layer.crop, "crop")
-            x = keras.layers.Conv2DTranspose(
-                f.shape[2],
-                f.shape[:2],
-                strides=up,
-                padding="valid",
-                use_bias=not is_empty(b),
-                name=name,
-                **kw,
-            )(x)
+            if groups == 1:
+                x = keras.layers.Conv2DTranspose(
+                    f.shape[2],
+                    f.shape[:2],
+                    strides=up,
+                    padding="valid",
+                    use_bias=not is_empty(b),
+                    name=name,
+                    **kw,
+                )(x)
+            else:
+                x = L.GroupedConv2DTranspose(
+                    f.shape[2], f.shape[:2], up, groups, use_bias=not is_empty(b), name=name, **kw
+                )(x)
             if any(crop):
                 x = keras.layers.Cropping2D(
                     ((crop[0], crop[1]), (crop[2], crop[3])), name=f"{name}_crop", **kw

@@ -4,6 +4,7 @@
   value: max never picks it, avg divides by the number of real cells).
 - ``MatConvNetLeakyReLU``: vl_nnrelu with a leak held in the data's precision.
 - ``MatConvNetLRN``: vl_nnnormalize's cross-channel LRN (ALPHA not divided by N).
+- ``GroupedConv2DTranspose``: vl_nnconvt with filter groups.
 - ``Subsample``: take every stride-th pixel (strided dilated convolutions, which
   TensorFlow's Conv2D refuses, run as a dilated stride-1 Conv2D followed by this).
 - ``AddBias``: vl_nnconv with empty filters (input + bias, subsampled).
@@ -123,6 +124,68 @@ class MatConvNetLeakyReLU(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "leak": self.leak}
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class GroupedConv2DTranspose(keras.layers.Layer):
+    """vl_nnconvt with ``numGroups`` > 1 (Keras' Conv2DTranspose has no groups).
+
+    The kernel is MatConvNet's ``FH x FW x K x D`` (Keras' transposed-convolution layout:
+    outputs per group, then input channels); group g maps input channels
+    ``g*D/G:(g+1)*D/G`` to outputs ``g*K:(g+1)*K``; ``padding='valid'`` (crop afterwards).
+    """
+
+    def __init__(self, filters, kernel_size, strides, groups, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)  # K, outputs per group
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.strides = tuple(int(s) for s in strides)
+        self.groups = int(groups)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        depth = int(input_shape[-1])
+        if depth % self.groups:
+            raise ValueError(
+                f"Expected groups to divide the input depth {depth}. Received groups={self.groups}"
+            )
+        self.kernel = self.add_weight(shape=(*self.kernel_size, self.filters, depth), name="kernel")
+        if self.use_bias:
+            self.bias = self.add_weight(shape=(self.filters * self.groups,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        d = x.shape[-1] // self.groups
+        outs = [
+            ops.conv_transpose(
+                x[..., g * d : (g + 1) * d], self.kernel[..., g * d : (g + 1) * d], self.strides
+            )
+            for g in range(self.groups)
+        ]
+        y = ops.concatenate(outs, axis=-1)
+        return y + self.bias if self.use_bias else y
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+
+        def out(size, k, s):
+            return None if size is None else (size - 1) * s + k
+
+        return (
+            n,
+            out(h, self.kernel_size[0], self.strides[0]),
+            out(w, self.kernel_size[1], self.strides[1]),
+            self.filters * self.groups,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "groups": self.groups,
+            "use_bias": self.use_bias,
+        }
 
 
 @keras.saving.register_keras_serializable(package="mcn_harness")

@@ -255,14 +255,14 @@ def compare(
         raise McnError(f"Expected weights 'net' or 'model'. Received weights={weights!r}")
     params = _Weights(net, model, alignment, dtype, load=weights == "net")
 
-    # dropout masks shared by both sides in 'normal' mode
+    # dropout masks drawn by the reference and shared with the Keras side ('normal' mode)
     rng = np.random.default_rng(seed)
-    masks = {}
-    res_probe = vl_simplenn(net, x, None, labels_arr, mode=mode, dialect=dialect, lrn_exact=True, rng=rng)
-    for i, layer in enumerate(net.layers):
-        if layer.type == "dropout" and mode == "normal":
-            masks[i] = res_probe[i + 1].aux
-    res = vl_simplenn(net, x, 1.0, labels_arr, mode=mode, dialect=dialect, lrn_exact=True, masks=masks)
+    res = vl_simplenn(net, x, 1.0, labels_arr, mode=mode, dialect=dialect, lrn_exact=True, rng=rng)
+    masks = {
+        i: res[i + 1].aux
+        for i, layer in enumerate(net.layers)
+        if layer.type == "dropout" and mode == "normal"
+    }
 
     klayers = [l for l in model.layers if keras_kind(l) != "input"]
     dropout_mask = {}
@@ -275,7 +275,7 @@ def compare(
     outputs: dict[str, Any] = {}
     pre: dict[str, Any] = {}
     tf_dtype = tf.float64 if dtype == "float64" else tf.float32
-    with tf.GradientTape(persistent=True) as tape:
+    with tf.GradientTape() as tape:
         tape.watch(xk)
         h = tf.cast(xk, tf_dtype)
         for kl in klayers:
@@ -332,14 +332,17 @@ def compare(
                 carry, carry_name = outputs[last], last
         pair_tensor[pair.index] = (carry, pair.keras_label if pair.keras else f"({carry_name})")
     targets = [t for t, _ in pair_tensor.values()]
-    grads = tape.gradient(loss, [xk, *targets])
-    dx_input, dtargets = grads[0], grads[1:]
-    param_grads = {}
-    for pair in alignment.pairs:
-        if pair.param_layer:
-            kl = model.get_layer(pair.param_layer)
-            param_grads[pair.index] = tape.gradient(loss, kl.trainable_variables)
+    variables = {
+        pair.index: model.get_layer(pair.param_layer).trainable_variables
+        for pair in alignment.pairs
+        if pair.param_layer
+    }
+    flat_vars = [v for vs in variables.values() for v in vs]
+    grads = tape.gradient(loss, [xk, *targets, *flat_vars])  # one backward pass for all
     del tape
+    dx_input, dtargets = grads[0], grads[1 : 1 + len(targets)]
+    rest = iter(grads[1 + len(targets) :])
+    param_grads = {idx: [next(rest) for _ in vs] for idx, vs in variables.items()}
 
     rows.append(_row("input", "data", "input", "dzdx", res[0].dzdx, _as_mcn(dx_input.numpy()), tol.backward))
     for (idx, (tensor, klabel)), dt in zip(pair_tensor.items(), dtargets, strict=True):

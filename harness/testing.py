@@ -7,7 +7,7 @@ from typing import Any
 from .compare.probe import compare
 from .compare.report import Report
 
-__all__ = ["assert_equivalent"]
+__all__ = ["EquivalenceError", "assert_equivalent"]
 
 
 def assert_equivalent(net, model, x, labels, **kwargs: Any) -> Report:
@@ -16,5 +16,18 @@ def assert_equivalent(net, model, x, labels, **kwargs: Any) -> Report:
     __tracebackhide__ = True
     report = compare(net, model, x, labels, **kwargs)
     if not report.ok:
-        raise AssertionError("\n" + str(report))
+        raise EquivalenceError(report)
     return report
+
+
+class EquivalenceError(AssertionError):
+    """Raised by assert_equivalent; ``.report`` holds the Report."""
+
+    def __init__(self, report: Report):
+        fd = report.first_divergence
+        if fd:
+            head = f"MatConvNet and Keras diverge first at layer '{fd['culprit']}' ({fd['tensor']})"
+        else:
+            head = "MatConvNet and Keras layers could not be aligned"
+        super().__init__(f"{head}\n{report}")
+        self.report = report

@@ -9,21 +9,26 @@ run as ``pytest --mcn-net net.mat --keras-model mypkg.model:build``. The compari
 itself is ``harness.compare`` / ``harness.assert_equivalent``; this file turns command
 line options into the net, the model, a probe batch and a JSON report per test.
 
-Importing this module imports neither the harness nor TensorFlow: the plugin is loaded
-in every pytest run of the environment, so the heavy imports wait until a collected
-test asks for one of the fixtures.
+Importing this module does not import TensorFlow (only the NumPy reference): the plugin
+is loaded in every pytest run of the environment, so the heavy imports wait until a
+collected test asks for one of the fixtures. The loading itself lives in harness.inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from harness.inputs import InputError as _OptionError
+from harness.inputs import _parse_model_spec
+from harness.inputs import keras_model_factory as _model_factory
+from harness.inputs import load_mcn_spec as _load_net
+from harness.inputs import probe_batch as _probe_batch
 
 __all__ = [
     "harness_equivalence",
@@ -32,15 +37,9 @@ __all__ = [
     "probe_batch",
 ]
 
-_MODEL_FILE_SUFFIXES = (".keras", ".h5")
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # fixtures that need --keras-model / --mcn-net resolved (checked once, after collection)
 _NEEDS_MODEL = ("keras_model", "harness_equivalence")
 _NEEDS_NET = ("mcn_net", "probe_batch", "harness_equivalence")
-
-
-class _OptionError(Exception):
-    """A bad option value: one line, shown as a pytest usage error."""
 
 
 @dataclass
@@ -218,102 +217,6 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 
 # --------------------------------------------------------------------------- resolving
-
-
-def _parse_model_spec(spec: str, option: str, base: Path) -> tuple[str, str] | Path:
-    """(module, attribute path) for ``module:callable``; a Path for a saved model."""
-    if spec.lower().endswith(_MODEL_FILE_SUFFIXES):
-        path = base / spec
-        if not path.is_file():
-            raise _OptionError(f"{option} {spec!r}: no such file ({path})")
-        return path
-    module, sep, attr = spec.partition(":")
-    if not sep or not _DOTTED.match(module) or not _DOTTED.match(attr):
-        raise _OptionError(
-            f"{option} {spec!r}: expected module:callable (e.g. mypkg.model:build_model) "
-            f"or a path to a {' / '.join(_MODEL_FILE_SUFFIXES)} file"
-        )
-    return module, attr
-
-
-def _model_factory(spec: str | None, option: str, base: Path):
-    where = _parse_model_spec(spec, option, base)
-    if isinstance(where, Path):
-
-        def load():
-            import keras
-
-            import harness.translate.layers  # noqa: F401  (registers the harness' custom layers)
-
-            return keras.models.load_model(where, compile=False)
-
-        return load
-    module_name, attr = where
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as err:
-        raise _OptionError(f"{option} {spec!r}: cannot import module {module_name!r} ({err})") from None
-    except Exception as err:  # the user's module itself failed: still one line, not a traceback
-        raise _OptionError(
-            f"{option} {spec!r}: importing module {module_name!r} failed: {type(err).__name__}: {err}"
-        ) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise _OptionError(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise _OptionError(f"{option} {spec!r}: {attr!r} is not callable ({type(obj).__name__})")
-    return obj
-
-
-def _load_net(spec: str | None, option: str, base: Path):
-    from harness.mcn import McnError, load_net, seed_net, vl_simplenn_tidy
-
-    if spec == "seed":
-        return seed_net(seed=0)
-    try:
-        return vl_simplenn_tidy(load_net(base / spec))
-    except (McnError, OSError, ValueError) as err:
-        raise _OptionError(f"{option} {spec!r}: {err}") from None
-
-
-def _probe_batch(net, n: int, seed: int = 0):
-    """``x`` (H x W x C x N, standard normal, from ``net.meta['inputSize']``) and labels
-    (1 x N, 1-based, below the number of classes; None for a net without a loss layer),
-    drawn from ``np.random.RandomState(seed)``: x first, then the labels."""
-    import numpy as np
-
-    from harness.mcn import McnError
-
-    size = net.meta.get("inputSize")
-    if size is None:
-        raise McnError("Expected net.meta.inputSize ([H W C]) to build a probe batch; the net has none.")
-    h, w, c = ([int(v) for v in np.asarray(size, dtype=float).ravel()] + [1, 1])[:3]
-    rng = np.random.RandomState(seed)
-    x = rng.randn(h, w, c, n)
-    if not net.layers or net.layers[-1].type not in ("softmaxloss", "loss"):
-        return x, None
-    return x, rng.randint(1, _num_classes(net, x[..., :1]) + 1, size=(1, n)).astype(np.float64)
-
-
-def _num_classes(net, x1) -> int:
-    """Channels of the scores entering the loss: from the last conv/convt filters, else
-    from a one-image forward pass of the reference."""
-    import numpy as np
-
-    from harness.mcn import vl_simplenn
-    from harness.mcn._util import as_4d
-
-    for layer in reversed(net.layers[:-1]):
-        if layer.type in ("conv", "convt") and layer.weights and np.size(layer.weights[0]):
-            f = np.asarray(layer.weights[0])
-            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
-            if layer.type == "conv":
-                return int(f.shape[3])
-            return int(f.shape[2] * int(np.asarray(getattr(layer, "num_groups", 1)).ravel()[0]))
-    body = net.copy()
-    body.layers = body.layers[:-1]
-    return int(as_4d(vl_simplenn(body, x1, mode="test")[-1].x).shape[2])
 
 
 def _report_path(directory: Path, nodeid: str, taken: list[Path]) -> Path:

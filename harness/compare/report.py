@@ -124,3 +124,123 @@ class Report:
 def _safe(text: str) -> str:
     """Names come from .mat files and models: drop control characters (terminal escapes)."""
     return "".join(ch if ch.isprintable() else "?" for ch in str(text))
+
+
+def _chart_svg(report: Report) -> str:
+    """An inline SVG chart: log10 of the greatest relative error per layer, forward
+    (activations) and backward (derivatives w.r.t. them); no external resources."""
+    import html
+    import math
+
+    layers: list[str] = []
+    fwd: dict[str, float] = {}
+    bwd: dict[str, float] = {}
+    for r in report.rows:
+        if r.layer not in layers:
+            layers.append(r.layer)
+        target = fwd if r.tensor in ("x", "loss") or r.tensor.startswith("w{") else bwd
+        target[r.layer] = max(target.get(r.layer, 0.0), r.max_rel)
+    width, height, left, bottom = max(360, 60 * len(layers) + 80), 260, 60, 60
+    lo, hi = -17.0, 1.0
+
+    def y(v: float) -> float:
+        lv = min(max(math.log10(v) if v > 0 else lo, lo), hi)
+        return 20 + (hi - lv) / (hi - lo) * (height - bottom - 20)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+        f'aria-label="relative error per layer">'
+    ]
+    for tick in range(-16, 1, 4):
+        ty = y(10.0**tick)
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="4" y="{ty + 4:.1f}" font-size="11">1e{tick}</text>')
+    tol = report.rows[0].tolerance if report.rows else 0.0
+    if tol > 0:
+        ty = y(tol)
+        parts.append(
+            f'<line x1="{left}" x2="{width - 10}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#c00" '
+            'stroke-dasharray="4 3"/>'
+        )
+    for series, colour, dx in ((fwd, "#1f77b4", -7), (bwd, "#ff7f0e", 7)):
+        for i, name in enumerate(layers):
+            if name not in series:
+                continue
+            cx = left + 30 + 60 * i + dx
+            parts.append(f'<circle cx="{cx}" cy="{y(series[name]):.1f}" r="4" fill="{colour}"/>')
+    for i, name in enumerate(layers):
+        cx = left + 30 + 60 * i
+        parts.append(
+            f'<text x="{cx}" y="{height - bottom + 16}" font-size="11" text-anchor="end" '
+            f'transform="rotate(-35 {cx} {height - bottom + 16})">{html.escape(name[:16])}</text>'
+        )
+    parts.append(
+        f'<text x="{left}" y="14" font-size="12"><tspan fill="#1f77b4">● forward</tspan> '
+        '<tspan fill="#ff7f0e">● backward</tspan> <tspan fill="#c00">- - tolerance</tspan></text>'
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def to_html(report: Report, findings: list | None = None, title: str = "mcn-harness report") -> str:
+    """One self-contained HTML page: summary, findings, the per-layer table and the chart.
+    Every name is escaped (names come from .mat files and models: untrusted)."""
+    import html
+
+    e = html.escape
+    status = "EQUIVALENT" if report.ok else "DIVERGENT"
+    head = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{e(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
+        ".DIFF{background:#fdd}.known{background:#ffd}.ok{background:#efe}"
+        "</style></head><body>"
+    )
+    body = [
+        f"<h1>{e(title)}: {status}</h1>",
+        f"<p>{e(report.dtype)}, mode {e(report.mode)}, "
+        f"dialect {e(report.dialect)}. Loss convention: {e(report.convention)}</p>",
+    ]
+    if report.first_divergence:
+        fd = report.first_divergence
+        body.append(
+            f"<p><b>First divergence:</b> layer {e(fd['culprit'])} ({e(fd['tensor'])} of {e(fd['layer'])} "
+            f"vs Keras {e(fd['keras'])})</p>"
+        )
+    for p in report.alignment_problems:
+        body.append(f"<p>Alignment: {e(p)}</p>")
+    if findings:
+        body.append(
+            "<h2>Findings</h2><table><tr><th>kind</th><th>layer</th><th>Keras</th><th>MatConvNet</th>"
+            "<th>Keras value</th><th>fix</th></tr>"
+        )
+        for f in findings:
+            body.append(
+                f"<tr><td>{e(f.kind)}</td><td>{e(f.layer)}</td><td>{e(f.keras)}</td><td>{e(f.mcn_value)}</td>"
+                f"<td>{e(f.keras_value)}</td><td>{e(f.fix)}</td></tr>"
+            )
+        body.append("</table>")
+    body.append("<h2>Error per layer</h2>")
+    body.append(_chart_svg(report))
+    body.append(
+        "<h2>Tensors</h2><table><tr><th>layer</th><th>Keras</th><th>tensor</th><th>status</th>"
+        "<th>mismatches</th><th>max abs</th><th>max rel</th><th>worst index (MatConvNet)</th>"
+        "<th>ref</th><th>Keras</th><th>note</th></tr>"
+    )
+    for r in report.rows:
+        status_r = "ok" if r.ok else ("known" if r.limitation else "DIFF")
+        worst = "" if r.worst_index_mcn is None else e(str(tuple(r.worst_index_mcn)))
+        ref = "" if r.ref_value is None else f"{r.ref_value:.6g}"
+        kv = "" if r.keras_value is None else f"{r.keras_value:.6g}"
+        body.append(
+            f"<tr class='{status_r}'><td>{e(r.layer)}</td><td>{e(r.keras)}</td><td>{e(r.tensor)}</td>"
+            f"<td>{status_r}</td><td>{r.mismatches}/{r.numel}</td><td>{r.max_abs:.2e}</td><td>{r.max_rel:.2e}</td>"
+            f"<td>{worst}</td><td>{ref}</td><td>{kv}</td><td>{e(r.note or r.limitation)}</td></tr>"
+        )
+    body.append("</table>")
+    for n in report.notes:
+        body.append(f"<p>Note: {e(n)}</p>")
+    for n in report.limitations:
+        body.append(f"<p>Limitation: {e(n)}</p>")
+    return head + "".join(body) + "</body></html>\n"

@@ -1,0 +1,139 @@
+"""Loading what a user names: a MatConvNet net, a Keras model, a probe batch.
+
+Shared by the command line and the pytest plugin. Errors are ``InputError`` (a
+``McnError``) with one line naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from .mcn._util import McnError
+
+__all__ = ["InputError", "keras_model_factory", "load_mcn_spec", "probe_batch", "SEED_MODELS"]
+
+_MODEL_FILE_SUFFIXES = (".keras", ".h5")
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_SEED_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "seed"
+# bundled Keras models of the seed network
+SEED_MODELS = {"seed-question": "question_model.py", "seed-fixed": "fixed_model.py"}
+
+
+class InputError(McnError):
+    """A bad net, model or option value: one line naming what was given."""
+
+
+def _parse_model_spec(spec: str, option: str, base: Path) -> tuple[str, str] | Path:
+    """(module, attribute path) for ``module:callable``; a Path for a saved model."""
+    if spec.lower().endswith(_MODEL_FILE_SUFFIXES):
+        path = base / spec
+        if not path.is_file():
+            raise InputError(f"{option} {spec!r}: no such file ({path})")
+        return path
+    module, sep, attr = spec.partition(":")
+    if not sep or not _DOTTED.match(module) or not _DOTTED.match(attr):
+        raise InputError(
+            f"{option} {spec!r}: expected module:callable (e.g. mypkg.model:build_model) "
+            f"or a path to a {' / '.join(_MODEL_FILE_SUFFIXES)} file"
+        )
+    return module, attr
+
+
+def keras_model_factory(spec: str | None, option: str, base: Path):
+    if spec in SEED_MODELS:
+        return _seed_model(spec, option)
+    where = _parse_model_spec(spec, option, base)
+    if isinstance(where, Path):
+
+        def load():
+            import keras
+
+            from .translate import layers  # noqa: F401  (registers the harness' custom layers)
+
+            return keras.models.load_model(where, compile=False)
+
+        return load
+    module_name, attr = where
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InputError(f"{option} {spec!r}: cannot import module {module_name!r} ({err})") from None
+    except Exception as err:  # the user's module itself failed: still one line, not a traceback
+        raise InputError(
+            f"{option} {spec!r}: importing module {module_name!r} failed: {type(err).__name__}: {err}"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"{option} {spec!r}: {attr!r} is not callable ({type(obj).__name__})")
+    return obj
+
+
+def load_mcn_spec(spec: str | None, option: str, base: Path):
+    from .mcn import McnError, load_net, seed_net, vl_simplenn_tidy
+
+    if spec == "seed":
+        return seed_net(seed=0)
+    try:
+        return vl_simplenn_tidy(load_net(base / spec))
+    except (McnError, OSError, ValueError) as err:
+        raise InputError(f"{option} {spec!r}: {err}") from None
+
+
+def probe_batch(net, n: int, seed: int = 0):
+    """``x`` (H x W x C x N, standard normal, from ``net.meta['inputSize']``) and labels
+    (1 x N, 1-based, below the number of classes; None for a net without a loss layer),
+    drawn from ``np.random.RandomState(seed)``: x first, then the labels."""
+    import numpy as np
+
+    from .mcn import McnError
+
+    size = net.meta.get("inputSize")
+    if size is None:
+        raise McnError("Expected net.meta.inputSize ([H W C]) to build a probe batch; the net has none.")
+    h, w, c = ([int(v) for v in np.asarray(size, dtype=float).ravel()] + [1, 1])[:3]
+    rng = np.random.RandomState(seed)
+    x = rng.randn(h, w, c, n)
+    if not net.layers or net.layers[-1].type not in ("softmaxloss", "loss"):
+        return x, None
+    return x, rng.randint(1, _num_classes(net, x[..., :1]) + 1, size=(1, n)).astype(np.float64)
+
+
+def _num_classes(net, x1) -> int:
+    """Channels of the scores entering the loss: from the last conv/convt filters, else
+    from a one-image forward pass of the reference."""
+    import numpy as np
+
+    from .mcn import vl_simplenn
+    from .mcn._util import as_4d
+
+    for layer in reversed(net.layers[:-1]):
+        if layer.type in ("conv", "convt") and layer.weights and np.size(layer.weights[0]):
+            f = np.asarray(layer.weights[0])
+            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+            if layer.type == "conv":
+                return int(f.shape[3])
+            return int(f.shape[2] * int(np.asarray(getattr(layer, "num_groups", 1)).ravel()[0]))
+    body = net.copy()
+    body.layers = body.layers[:-1]
+    return int(as_4d(vl_simplenn(body, x1, mode="test")[-1].x).shape[2])
+
+
+def _seed_model(spec: str, option: str):
+    path = _SEED_DIR / SEED_MODELS[spec]
+    if not path.is_file():
+        raise InputError(f"{option} {spec!r}: the bundled seed models are not installed ({path} missing)")
+    name = f"mcn_harness_{path.stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module.build_model

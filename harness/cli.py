@@ -135,6 +135,15 @@ def _check_one(net: Net, model, args, out) -> int:
     if report.alignment_problems and all("shapes" in p for p in report.alignment_problems):
         raise InputError(report.alignment_problems[0])
     print(_paint(str(report), out), file=out)
+    causes = []
+    if not report.ok and report.first_divergence:
+        from .compare.diagnose import probe_causes
+
+        causes = probe_causes(
+            net, model, report, x, labels, mode=args.mode, dialect=args.dialect, weights=args.weights
+        )
+        for c in causes:
+            print(f"likely cause at '{report.first_divergence['culprit']}': {c}", file=out)
     if findings:
         print(f"\nfindings ({len(findings)}):", file=out)
         for f in findings:
@@ -142,6 +151,7 @@ def _check_one(net: Net, model, args, out) -> int:
     if args.json:
         payload = report.to_dict()
         payload["findings"] = [f.to_dict() for f in findings]
+        payload["causes"] = causes
         Path(args.json).write_text(json.dumps(payload, indent=2, sort_keys=True))
     if args.html:
         Path(args.html).write_text(to_html(report, findings))

@@ -93,3 +93,71 @@ def test_findings_render_and_serialise(seed):
     text = str(findings[0])
     assert text.startswith("[groups] ip1 / conv2d_5") and "Fix:" in text
     assert set(findings[0].to_dict()) == {"kind", "layer", "keras", "mcn_value", "keras_value", "fix"}
+
+
+def _chain(model, replace=None, after=None, drop=()):
+    """Rebuild a translated model's layer chain in float64 with planted changes."""
+    x = inputs = keras.Input(model.inputs[0].shape[1:], dtype="float64")
+    for layer in model.layers[1:]:
+        if layer.name in drop:
+            continue
+        x = (replace or {}).get(layer.name, layer)(x)
+        for extra in (after or {}).get(layer.name, []):
+            x = extra(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.fixture(scope="module")
+def padded_net():
+    rng = np.random.RandomState(3)
+    return vl_simplenn_tidy(
+        Net(
+            [
+                Layer("conv", "c1", [rng.randn(3, 3, 2, 4), rng.randn(1, 4)], pad=[1, 0, 2, 1]),
+                Layer("bnorm", "bn1", [1 + rng.rand(4, 1), rng.randn(4, 1)]),
+                Layer("relu", "r1"),
+                Layer("pool", "p1", pool=3, pad=1, stride=2, method="avg"),
+                Layer("conv", "fc", [rng.randn(4, 4, 4, 3), rng.randn(1, 3)]),
+                Layer("softmaxloss", "loss"),
+            ],
+            {"inputSize": np.array([[8.0, 7.0, 2.0]])},
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "bug, culprit, cause",
+    [
+        ("zero_padded_pool", "p1", "zero-padded"),
+        ("swapped_padding", "c1", "padding sides are swapped"),
+        ("bnorm_epsilon", "bn1", "bnorm epsilon is 0.001"),
+        ("missing_relu", "r1", "the ReLU is missing"),
+    ],
+)
+def test_cause_probes_name_the_planted_mistake(padded_net, bug, culprit, cause):
+    from harness import compare
+    from harness.compare.diagnose import probe_causes
+
+    L = keras.layers
+    model = to_keras(padded_net)
+    if bug == "zero_padded_pool":
+        planted = _chain(
+            model,
+            after={"r1": [L.ZeroPadding2D(1, dtype="float64")]},
+            replace={"p1": L.AveragePooling2D(3, 2, dtype="float64")},
+        )
+    elif bug == "swapped_padding":
+        planted = _chain(model, replace={"c1_pad": L.ZeroPadding2D(((0, 1), (1, 2)), dtype="float64")})
+    elif bug == "bnorm_epsilon":
+        planted = _chain(model, replace={"bn1": L.BatchNormalization(epsilon=1e-3, dtype="float64")})
+    else:
+        planted = _chain(model, drop=("r1",))
+    rng = np.random.RandomState(0)
+    x, labels = rng.randn(8, 7, 2, 3), np.array([[1.0, 3.0, 2.0]])
+    report = compare(padded_net, planted, x, labels)
+    assert not report.ok and report.first_divergence["culprit"] == culprit, str(report)
+    causes = probe_causes(padded_net, planted, report, x, labels)
+    assert any(cause in c for c in causes), causes
+    # and the faithful translation has nothing to probe
+    clean = compare(padded_net, to_keras(padded_net), x, labels)
+    assert clean.ok and probe_causes(padded_net, model, clean, x, labels) == []

@@ -211,6 +211,13 @@ def _is_extra(net: Net, i: int, klayer) -> bool:
         return False
     if nxt == "dropout":  # a missing Dropout is fine; look one further
         return _is_extra(net, i + 1, klayer)
+    if i + 2 < len(net.layers):
+        # the next MatConvNet layer may be the missing one: does this Keras layer start the one after?
+        after = net.layers[i + 2].type
+        if after not in ("softmaxloss", "loss") and kind in set(_EXPECT.get(after, (after,))) | set(
+            _PREFIX.get(after, ())
+        ):
+            return False
     return kind in ("relu", "sigmoid", "softmax", "dropout", "bnorm", "lrn", "pool") or kind.startswith(
         ("activation:", "other:")
     )

@@ -640,3 +640,204 @@ def diagnose(
         metrics = [m if isinstance(m, str) else str(m) for m in (metrics or [])]
     findings += _optimizer_findings(net, optimizer, loss, metrics, batch_size, epochs)
     return findings
+
+
+# --------------------------------------------------------------------------- cause probes
+
+
+def _alternatives(layer, index: int, keras_main) -> list[tuple[str, Any, Any]]:
+    """(description, changed MatConvNet layer, input transform or None) to re-run a
+    divergent layer with; each is a common porting mistake."""
+    alts: list[tuple[str, Any, Any]] = []
+
+    def changed(**fields):
+        new = layer.copy()
+        for k, v in fields.items():
+            if k == "weights0":
+                new.weights = [v, *new.weights[1:]]
+            else:
+                setattr(new, k, v)
+        return new
+
+    t = layer.type
+    if t in ("conv", "pool"):
+        pads = pad4(layer.pad)
+        if any(pads):
+            swapped = [pads[1], pads[0], pads[3], pads[2]]
+            if swapped != list(pads):
+                alts.append(
+                    ("the padding sides are swapped ([B T R L] for [T B L R])", changed(pad=swapped), None)
+                )
+    if t == "conv" and not is_empty(layer.weights[0]):
+        f = np.asarray(layer.weights[0])
+        f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+        alts.append(
+            (
+                "the kernel is flipped spatially (convolution instead of correlation)",
+                changed(weights0=f[::-1, ::-1].copy()),
+                None,
+            )
+        )
+        if f.shape[0] == f.shape[1]:
+            alts.append(
+                (
+                    "the kernel is transposed (FH <-> FW)",
+                    changed(weights0=f.transpose(1, 0, 2, 3).copy()),
+                    None,
+                )
+            )
+        if f.shape[0] * f.shape[1] > 1 and type(keras_main).__name__ == "Dense":
+            colmajor = f.reshape(-1, f.shape[3], order="F").reshape(f.shape)
+            alts.append(
+                (
+                    "the Dense kernel holds MATLAB's column-major F(:) (flatten order)",
+                    changed(weights0=colmajor),
+                    None,
+                )
+            )
+        if index == 0:
+            alts.append(
+                ("the input images are transposed (H <-> W, MATLAB column-major images)", layer, "transpose")
+            )
+    if t == "pool":
+        pads = pad4(layer.pad)
+        if any(pads):
+            pt, pb, pl, pr = pads
+            alts.append(
+                (
+                    "the pooling is zero-padded (ZeroPadding2D + stock pooling) instead of clipped windows",
+                    changed(pad=0),
+                    ("zeropad", (pt, pb, pl, pr)),
+                )
+            )
+        other = "avg" if layer.get("method", "max") == "max" else "max"
+        alts.append((f"the pooling method is {other}", changed(method=other), None))
+    if t == "bnorm":
+        for eps in (1e-3, 1e-4):
+            alts.append((f"bnorm epsilon is {eps:g} (Keras' default is 1e-3)", changed(epsilon=eps), None))
+    if t == "relu":
+        from ..mcn.net import Layer
+
+        alts.append(("the ReLU is missing in Keras", Layer("dropout", layer.name, rate=0.0), "identity"))
+        for leak in (0.01, 0.2, 0.3):
+            alts.append((f"the ReLU leaks with slope {leak:g}", changed(leak=leak), None))
+    return alts
+
+
+def probe_causes(
+    net: Net, model, report, x, labels, *, mode: str = "normal", dialect: str = "master", weights: str = "net"
+) -> list[str]:
+    """Re-run the report's culprit layer with the usual porting mistakes and return
+    "matches if ..." for each alternative that reproduces the Keras side."""
+    from ..mcn.simplenn import vl_simplenn
+    from ..translate.weights import to_hwcn, to_nhwc
+    from .probe import _cast_net, _Weights, with_dtype
+    from .tolerance import tolerance_for
+
+    fd = report.first_divergence
+    if fd is None:
+        return []
+    net = _cast_net(vl_simplenn_tidy(net), np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    x = x.reshape(x.shape + (1,) * (4 - x.ndim))
+    tol = tolerance_for("float64").forward
+    order = [l.name for l in net.layers]
+    i = order.index(fd["culprit"]) if fd["culprit"] in order else -1
+    if i < 0:
+        return []
+    layer = net.layers[i]
+    res = vl_simplenn(
+        net,
+        x,
+        None,
+        labels,
+        mode="test" if mode == "test" else "normal",
+        dialect=dialect,
+        lrn_exact=True,
+        rng=np.random.default_rng(0),
+    )
+    out: list[str] = []
+    if layer.type in ("softmaxloss", "loss"):
+        keras_loss = next((r.keras_value for r in report.rows if r.tensor == "loss"), None)
+        ref_loss = next((r.ref_value for r in report.rows if r.tensor == "loss"), None)
+        if keras_loss is None or ref_loss is None:
+            return []
+        scores = res[i].x
+        lab = np.asarray(labels, dtype=float)
+        n = scores.shape[3]
+        cands = {
+            "the scores go through softmax twice (a softmax layer before a softmax loss)": _ce(
+                _softmax(scores), lab
+            ),
+            "the labels are read 0-based (shifted by one class)": _ce(scores, lab, shift=True),
+            "the loss is the batch sum (MatConvNet beta25)": _ce(scores, lab) * n,
+            "the loss is the batch mean (MatConvNet master)": _ce(scores, lab),
+            "the loss is averaged over pixels too (Keras' cross-entropy)": _ce(scores, lab)
+            / (scores.shape[0] * scores.shape[1]),
+        }
+        for text, value in cands.items():
+            if abs(value - ref_loss) > tol * max(abs(ref_loss), 1e-300) and abs(
+                value - keras_loss
+            ) <= 1e-9 * max(abs(keras_loss), 1e-300):
+                out.append(f"matches if {text}")
+        return out
+    model64 = with_dtype(model, "float64")
+    alignment = align(net, model64)
+    _Weights(net, model64, alignment, "float64", load=weights == "net")
+    pair_ = alignment.pairs[i]
+    h = to_nhwc(res[i].x)
+    for name in pair_.keras:
+        kl = model64.get_layer(name)
+        if keras_kind(kl) == "bnorm":
+            h = kl(h, training=mode == "normal")
+        else:
+            h = kl(h)
+    keras_out = to_hwcn(np.asarray(h))
+    main = model64.get_layer(pair_.param_layer) if pair_.param_layer else None
+    for text, alt_layer, transform in _alternatives(layer, i, main):
+        xin = res[i].x
+        if transform == "transpose":
+            if xin.shape[0] != xin.shape[1]:
+                continue
+            xin = xin.transpose(1, 0, 2, 3)
+        elif isinstance(transform, tuple) and transform[0] == "zeropad":
+            pt, pb, pl, pr = transform[1]
+            xin = np.pad(xin, ((pt, pb), (pl, pr), (0, 0), (0, 0)))
+        if transform == "identity":
+            alt = xin
+        else:
+            try:
+                alt = vl_simplenn(
+                    Net([alt_layer]),
+                    xin,
+                    mode="test" if mode == "test" else "normal",
+                    dialect=dialect,
+                    lrn_exact=True,
+                )[-1].x
+            except Exception:  # an alternative that does not even run is not the cause
+                continue
+        if alt.shape == keras_out.shape:
+            scale = max(float(np.max(np.abs(alt))), 1e-300)
+            if float(np.max(np.abs(alt - keras_out))) <= 1e-8 * scale:
+                out.append(f"matches if {text}")
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=2, keepdims=True))
+    return e / e.sum(axis=2, keepdims=True)
+
+
+def _ce(scores: np.ndarray, labels: np.ndarray, shift: bool = False) -> float:
+    """MatConvNet master softmaxloss of 1 x N labels (label 0 ignored); ``shift`` reads
+    the labels as 0-based class indices."""
+    n = scores.shape[3]
+    lab = np.asarray(labels, dtype=float).reshape(-1)[:n].astype(int)
+    p = _softmax(scores)
+    total = 0.0
+    for j in range(n):
+        c = lab[j] + 1 if shift else lab[j]
+        if c <= 0 or c > scores.shape[2]:
+            continue
+        total -= float(np.log(p[:, :, c - 1, j]).sum())
+    return total / n

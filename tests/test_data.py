@@ -30,7 +30,7 @@ def test_imdb_round_trip(tmp_path):
         tmp_path / "imdb.mat",
         {
             "images": {"data": imdb.images, "labels": imdb.labels, "set": imdb.set},
-            "meta": {"classes": ["0", "1"]},
+            "meta": {"classes": np.array(["0", "1"], dtype=object)},
         },
     )
     back = load_imdb(tmp_path / "imdb.mat")

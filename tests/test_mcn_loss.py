@@ -14,24 +14,10 @@ from hypothesis import strategies as st
 
 from harness.mcn import McnError, vl_nnloss, vl_nnsoftmaxloss
 
+from .gradcheck import numeric_grad
+
 DIFFERENTIABLE = ("softmaxlog", "log", "mhinge", "mshinge", "binarylog", "logistic", "hinge")
 BINARY = ("binaryerror", "binarylog", "logistic", "hinge")
-STEP = 1e-6
-
-
-def numeric_grad(f, x: np.ndarray) -> np.ndarray:
-    """Central differences of the scalar f at every element of x (float64)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + STEP
-        up = f(x)
-        flat[i] = old - STEP
-        down = f(x)
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * STEP)
-    return grad
 
 
 def scores(loss: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

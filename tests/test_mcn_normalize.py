@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from harness.mcn import McnError, vl_nnnormalize
 from harness.mcn.normalize import fast_pow
 
-STEP = 1e-6
+from .gradcheck import numeric_grad
+
 
 # (x, y, float32 bits, float64 bits) of fast_pow(x, y) from the compiled C++ kernel.
 FAST_POW_PINS = [
@@ -30,21 +31,6 @@ FAST_POW_PINS = [
     (1.0001, -0.5, 0x3F7FFCBA, 0x3FEFFF97263BD825),
     (7.25, -1.3, 0x3D9B9D10, 0x3FB373A1EE773CA6),
 ]
-
-
-def numeric_grad(f, x: np.ndarray) -> np.ndarray:
-    """Central differences of the scalar f at every element of x (float64)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + STEP
-        up = f(x)
-        flat[i] = old - STEP
-        down = f(x)
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * STEP)
-    return grad
 
 
 @st.composite

@@ -19,7 +19,6 @@ from harness.mcn.normalize import fast_pow
 
 from .gradcheck import numeric_grad
 
-
 # (x, y, float32 bits, float64 bits) of fast_pow(x, y) from the compiled C++ kernel.
 FAST_POW_PINS = [
     (1.0, -0.75, 0x3F800000, 0x3FF0000000000000),

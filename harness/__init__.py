@@ -6,6 +6,7 @@ Keras load on first use, so the reference works without them.
 
 from . import compare as _compare_package  # noqa: F401  (bind the package before the function)
 from .compare.probe import compare
+from .compare.training import compare_training
 from .mcn import McnError, Net, load_checkpoint, load_net, save_net, seed_net
 from .testing import assert_equivalent
 
@@ -14,8 +15,10 @@ __all__ = [
     "Net",
     "assert_equivalent",
     "compare",
+    "compare_training",
     "load_checkpoint",
     "load_net",
+    "matconvnet_optimizer",
     "save_net",
     "seed_net",
     "to_keras",
@@ -28,4 +31,8 @@ def __getattr__(name: str):
         from .translate import to_keras
 
         return to_keras
+    if name == "matconvnet_optimizer":
+        from .translate.optim import matconvnet_optimizer
+
+        return matconvnet_optimizer
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

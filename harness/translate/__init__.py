@@ -3,7 +3,19 @@
 from .build import TranslationError, keras_loss, keras_name, to_keras
 from .weights import load_weights, net_from_keras, to_hwcn, to_nhwc
 
+_OPTIM = (
+    "MatConvNetSGD",
+    "MatConvNetAdam",
+    "MatConvNetRMSprop",
+    "MatConvNetAdagrad",
+    "MatConvNetAdadelta",
+    "MatConvNetSchedule",
+    "matconvnet_optimizer",
+    "matconvnet_multipliers",
+)
+
 __all__ = [
+    *_OPTIM,
     "TranslationError",
     "keras_loss",
     "keras_name",
@@ -13,3 +25,12 @@ __all__ = [
     "to_keras",
     "to_nhwc",
 ]
+
+
+def __getattr__(name: str):
+    # optim imports keras at module level: load it on first use only
+    if name in _OPTIM:
+        from . import optim
+
+        return getattr(optim, name)
+    raise AttributeError(f"module 'harness.translate' has no attribute {name!r}")

@@ -7,9 +7,11 @@
                       [--dialect master|beta25] [--json PATH] [--html PATH] [--weights net|model]
     mcn-harness diagnose --mcn ... --keras ...      static findings only (fast)
     mcn-harness reference --mcn ...                 the net through the MatConvNet reference
+    mcn-harness train-parity --mcn ... --keras ... [--epochs N] [--data digits|imdb.mat] [--plot curves.png]
 
-Exit status: 0 equivalent (or no findings), 1 divergent (or findings), 2 bad usage or bad
-input (one line on stderr, no traceback).
+Exit status: 0 equivalent (or no findings; train-parity: weights still agree at the end),
+1 divergent (or findings; train-parity: weights parted), 2 bad usage or bad input (one
+line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -230,6 +232,56 @@ def _cmd_reference(args) -> int:
     return 0
 
 
+def _cmd_train_parity(args) -> int:
+    from .data import digits_imdb, load_imdb
+    from .parity import plot_parity, train_parity
+
+    net, model = _load(args)
+    imdb = digits_imdb() if args.data == "digits" else load_imdb(args.data)
+    if imdb.images.shape[:3] != tuple(
+        int(v) for v in np.asarray(net.meta.get("inputSize"), float).ravel()[:3]
+    ):
+        raise InputError(
+            f"--data {args.data!r}: images are {imdb.images.shape[:3]} (H, W, C), the net takes "
+            f"{tuple(int(v) for v in np.asarray(net.meta.get('inputSize'), float).ravel()[:3])}"
+        )
+    result = train_parity(
+        net,
+        model,
+        imdb,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        dtype=args.dtype,
+        dialect=args.dialect,
+        seed=args.seed,
+        max_steps_per_epoch=args.max_steps,
+    )
+    print(
+        f"{'step':>5} {'epoch':>5} {'lr':>8} {'loss ref':>10} {'loss keras':>10} {'err ref':>8} "
+        f"{'err keras':>9} {'max |dw|':>10}"
+    )
+    for s in result.steps:
+        print(
+            f"{s.step:>5} {s.epoch:>5} {s.learning_rate:>8.2g} {s.loss_ref:>10.6f} {s.loss_keras:>10.6f} "
+            f"{100 * s.error_ref:>7.1f}% {100 * s.error_keras:>8.1f}% {s.max_weight_diff:>10.2e}"
+        )
+    if result.val_error_ref:
+        print(
+            "validation error per epoch: reference "
+            + " ".join(f"{100 * v:.1f}%" for v in result.val_error_ref)
+            + "; Keras "
+            + " ".join(f"{100 * v:.1f}%" for v in result.val_error_keras)
+        )
+    if args.plot:
+        plot_parity(result, args.plot)
+        print(f"plot written to {args.plot}")
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+    last = result.steps[-1]
+    return 0 if last.max_weight_diff <= 1e-3 * max(1.0, abs(last.loss_ref)) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mcn-harness", description="Find where a Keras port of a MatConvNet network diverges."
@@ -265,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     diag = sub.add_parser("diagnose", help="static differences only, without running the networks")
     common(diag, True)
     diag.add_argument("--json", help="write the findings as JSON")
+    par = sub.add_parser("train-parity", help="train the reference and the Keras model side by side and plot")
+    common(par, True)
+    par.set_defaults(dtype="float32", keras="seed-fixed")
+    par.add_argument("--epochs", type=int, default=3)
+    par.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    par.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (default: all)")
+    par.add_argument("--data", default="digits", help="an imdb .mat file, or 'digits' (bundled, default)")
+    par.add_argument(
+        "--optimizer",
+        choices=("model", "matconvnet"),
+        default="model",
+        help="the model's compiled optimizer (default) or harness.matconvnet_optimizer",
+    )
+    par.add_argument("--plot", help="write the curves as PNG")
+    par.add_argument("--json", help="write the per-step figures as JSON")
     ref = sub.add_parser("reference", help="run a net through the MatConvNet reference, forward and backward")
     common(ref, False)
     return parser
@@ -274,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if from_console and (not argv or argv[0] in ("check", "diagnose")):
+    if from_console and (not argv or argv[0] in ("check", "diagnose", "train-parity")):
         _silence_native_stderr()
+        import logging
+
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices are not for users
     try:
         if not argv:
             args = parser.parse_args(["check"])
@@ -288,9 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.batch < 1:
             raise _Usage(f"--batch {args.batch}: expected a positive number of images")
-        return {"check": _cmd_check, "diagnose": _cmd_diagnose, "reference": _cmd_reference}[args.command](
-            args
-        )
+        commands = {
+            "check": _cmd_check,
+            "diagnose": _cmd_diagnose,
+            "reference": _cmd_reference,
+            "train-parity": _cmd_train_parity,
+        }
+        return commands[args.command](args)
     except _Usage as err:
         print(f"mcn-harness: error: {err}", file=sys.stderr)
         return 2

@@ -176,7 +176,7 @@ def align(net: Net, model, mapping: dict[str, list[str]] | None = None) -> Align
                 problems.append(f"MatConvNet layer '{layer.name}' ({t}) has no Keras partner (found {got})")
                 pair.notes.append("no Keras partner")
         # Keras layers MatConvNet has no counterpart for: attach to this pair and report.
-        while k < len(klayers) and _is_extra(net, i, klayers[k]):
+        while k < len(klayers) and _is_extra(net, i, klayers, k):
             extra = klayers[k]
             problems.append(
                 f"Keras layer '{extra.name}' ({type(extra).__name__}) has no MatConvNet partner "
@@ -198,9 +198,10 @@ def align(net: Net, model, mapping: dict[str, list[str]] | None = None) -> Align
     return Alignment(pairs, problems)
 
 
-def _is_extra(net: Net, i: int, klayer) -> bool:
-    """A Keras layer that cannot start the next MatConvNet layer's run."""
-    kind = keras_kind(klayer)
+def _is_extra(net: Net, i: int, klayers, k: int) -> bool:
+    """Keras layer ``klayers[k]``, after MatConvNet layer i's run, cannot start the next
+    MatConvNet layer's run."""
+    kind = keras_kind(klayers[k])
     if i + 1 >= len(net.layers):
         return True
     nxt = net.layers[i + 1].type
@@ -210,17 +211,33 @@ def _is_extra(net: Net, i: int, klayer) -> bool:
     if kind in allowed:
         return False
     if nxt == "dropout":  # a missing Dropout is fine; look one further
-        return _is_extra(net, i + 1, klayer)
-    if i + 2 < len(net.layers):
-        # the next MatConvNet layer may be the missing one: does this Keras layer start the one after?
-        after = net.layers[i + 2].type
-        if after not in ("softmaxloss", "loss") and kind in set(_EXPECT.get(after, (after,))) | set(
-            _PREFIX.get(after, ())
-        ):
-            return False
+        return _is_extra(net, i + 1, klayers, k)
+    # Either this Keras layer is extra, or the next MatConvNet layer is missing: take the
+    # reading under which more of the following layers pair up (an extra ReLU in
+    # conv, ReLU, pool for MatConvNet's conv, pool, relu; a missing relu in lrn, lrn for
+    # MatConvNet's lrn, relu, lrn).
+    if _matching_run(net, i + 2, klayers, k) > _matching_run(net, i + 1, klayers, k + 1):
+        return False
     return kind in ("relu", "sigmoid", "softmax", "dropout", "bnorm", "lrn", "pool") or kind.startswith(
         ("activation:", "other:")
     )
+
+
+def _matching_run(net: Net, i: int, klayers, k: int) -> int:
+    """How many MatConvNet layers from i on pair, one after another, with the Keras layers
+    from k on (helper layers before and after each main one allowed)."""
+    count = 0
+    while i < len(net.layers) and net.layers[i].type not in ("softmaxloss", "loss"):
+        t = net.layers[i].type
+        while k < len(klayers) and keras_kind(klayers[k]) in _PREFIX.get(t, ()):
+            k += 1
+        if k >= len(klayers) or keras_kind(klayers[k]) not in _EXPECT.get(t, (t,)):
+            break
+        k += 1
+        while k < len(klayers) and keras_kind(klayers[k]) in _SUFFIX.get(t, ()):
+            k += 1
+        count, i = count + 1, i + 1
+    return count
 
 
 def _explicit(net: Net, klayers, mapping: dict[str, list[str]]) -> Alignment:

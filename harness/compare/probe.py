@@ -96,7 +96,8 @@ class _Weights:
     def _embed(self, klayer, f: np.ndarray, kernel_shape: tuple, dense: bool) -> np.ndarray:
         fh, fw, fc, k = f.shape
         cin = kernel_shape[-2] if not dense else kernel_shape[0] // (fh * fw)
-        if kernel_shape[-1] != k or cin % fc or (fh * fw > 1 and dense):
+        wrong_window = not dense and tuple(kernel_shape[:2]) != (fh, fw)
+        if kernel_shape[-1] != k or cin % fc or (fh * fw > 1 and dense) or wrong_window:
             raise McnError(
                 f"Expected a kernel of shape {f.shape if not dense else (fh * fw * fc, k)}. "
                 f"Received Keras kernel shape {kernel_shape}"
@@ -139,7 +140,7 @@ class _Weights:
             names = (["dzdw{1}"] if klayer.scale else []) + (["dzdw{2}"] if klayer.center else [])
             for name, g in zip(names, grads, strict=False):
                 j = int(name[5]) - 1
-                out.append((name, np.asarray(g).reshape(np.shape(layer.weights[j])), None))
+                out.append((name, _fit(g, np.shape(layer.weights[j])), None))
             return out
         f = np.asarray(layer.weights[0])
         f = f.reshape(f.shape + (1,) * (4 - f.ndim))
@@ -157,11 +158,18 @@ class _Weights:
                 mask[:, :, g * fc : (g + 1) * fc, g * kg : (g + 1) * kg] = False
             off = full[mask]
             gk = diag
-        out.append(("dzdw{1}", gk.reshape(f.shape), off))
+        out.append(("dzdw{1}", _fit(gk, f.shape), off))
         b = layer.weights[1] if len(layer.weights) > 1 else None
         if len(grads) > 1 and not is_empty(b):
-            out.append(("dzdw{2}", np.asarray(grads[1]).reshape(np.shape(b)), None))
+            out.append(("dzdw{2}", _fit(grads[1], np.shape(b)), None))
         return out
+
+
+def _fit(g, shape: tuple) -> np.ndarray:
+    """A Keras parameter derivative in the shape of the MatConvNet parameter, or as it is
+    when the sizes differ (a Keras layer of another shape: its row reports the mismatch)."""
+    g = np.asarray(g)
+    return g.reshape(shape) if g.size == int(np.prod(shape)) else g
 
 
 def _as_mcn(t: np.ndarray) -> np.ndarray:
@@ -275,13 +283,19 @@ def compare(
     outputs: dict[str, Any] = {}
     pre: dict[str, Any] = {}
     tf_dtype = tf.float64 if dtype == "float64" else tf.float32
+    # BatchNormalization(training=True) updates its moving statistics: put them back after
+    # the run, so that comparing leaves the model as it was (and a second comparison with
+    # weights="model" sees the model's own moments)
+    frozen = [(v, np.array(v.numpy())) for v in model.non_trainable_variables]
     with tf.GradientTape() as tape:
         tape.watch(xk)
         h = tf.cast(xk, tf_dtype)
         for kl in klayers:
             kind = keras_kind(kl)
             if kind == "dropout":
-                if kl.name in dropout_mask:
+                # a mask of another shape (the model's tensor differs there, which the
+                # rows report) is not applied: the mask would not broadcast
+                if kl.name in dropout_mask and tuple(dropout_mask[kl.name].shape) == tuple(h.shape):
                     h = h * tf.constant(dropout_mask[kl.name], dtype=h.dtype)
             elif kind in ("conv", "convt") and getattr(kl, "activation", None) is not None and _nonlinear(kl):
                 act = kl.activation
@@ -340,6 +354,8 @@ def compare(
     flat_vars = [v for vs in variables.values() for v in vs]
     grads = tape.gradient(loss, [xk, *targets, *flat_vars])  # one backward pass for all
     del tape
+    for v, value in frozen:
+        v.assign(value)
     dx_input, dtargets = grads[0], grads[1 : 1 + len(targets)]
     rest = iter(grads[1 + len(targets) :])
     param_grads = {idx: [next(rest) for _ in vs] for idx, vs in variables.items()}
@@ -395,6 +411,10 @@ def compare(
             for name, g, off in mapped:
                 j = int(name[5]) - 1
                 scale = _bias_scale(res[idx + 1].dzdx) if j == 1 else 0.0
+                if j == 0 and layer.type == "bnorm":
+                    scale = _gain_scale(res[idx].x, res[idx + 1].dzdx, layer.epsilon)
+                elif j == 0 and layer.type == "conv":
+                    scale = _filter_scale(res[idx].x, res[idx + 1].dzdx)
                 rows.append(
                     _row(layer.name, layer.type, kl.name, name, res[idx].dzdw[j], g, tol.parameter, "", scale)
                 )
@@ -450,7 +470,9 @@ def with_dtype(model, dtype: str):
     architecture, layer names and weights): float64 comparisons need float64 layers."""
     import keras
 
-    if all(getattr(l, "compute_dtype", dtype) == dtype for l in model.layers):
+    # the InputLayer computes nothing (and reports float32 whatever Input's dtype)
+    layers = [l for l in model.layers if type(l).__name__ != "InputLayer"]
+    if all(getattr(l, "compute_dtype", dtype) == dtype for l in layers):
         return model
 
     def clone(layer):
@@ -472,6 +494,25 @@ def _bias_scale(dzdy: np.ndarray) -> float:
     sum, so its scale is the largest per-channel sum of |dzdy|, not its own size."""
     d = np.abs(as_4d(np.asarray(dzdy, dtype=np.float64)))
     return float(d.sum(axis=(0, 1, 3)).max())
+
+
+def _filter_scale(x: np.ndarray, dzdy: np.ndarray) -> float:
+    """A filter derivative sums x .* dzdy over positions and images; where it cancels to ~0
+    (filters followed by bnorm, whose output ignores their scale) both sides hold rounding
+    noise of those products, bounded by max|x| times the largest per-filter sum of |dzdy|."""
+    return _bias_scale(dzdy) * float(np.max(np.abs(np.asarray(x, dtype=np.float64)), initial=0.0))
+
+
+def _gain_scale(x: np.ndarray, dzdy: np.ndarray, epsilon) -> float:
+    """A bnorm gain derivative is ``(sum(dzdy .* x) - mu * sum(dzdy)) / sigma`` per channel;
+    where the layers after it ignore the scale (another bnorm) it cancels to ~0 and both
+    sides hold rounding noise of those terms, so its scale is theirs, not its own size."""
+    x = as_4d(np.asarray(x, dtype=np.float64))
+    d = np.abs(as_4d(np.asarray(dzdy, dtype=np.float64)))
+    mu = x.mean(axis=(0, 1, 3))
+    sigma = np.sqrt(x.var(axis=(0, 1, 3)) + float(np.asarray(epsilon, dtype=float).ravel()[0]))
+    terms = (d * np.abs(x)).sum(axis=(0, 1, 3)) + np.abs(mu) * d.sum(axis=(0, 1, 3))
+    return float((terms / sigma).max())
 
 
 def _identity(z):

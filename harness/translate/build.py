@@ -1,7 +1,7 @@
 """MatConvNet simplenn net -> a faithful Keras 3 model.
 
 Stock layers where they are exact (Conv2D with ``groups``, ZeroPadding2D for any conv
-padding, pooling without padding, ReLU/LeakyReLU, BatchNormalization ...), the custom
+padding, average pooling without padding, ReLU/LeakyReLU, BatchNormalization ...), the custom
 layers of ``harness.translate.layers`` where they are not. The model maps ``N x H x W x C``
 images to the scores that enter the net's loss layer; the loss itself is
 ``keras_loss(net, dialect)``. Keras layer names are the MatConvNet layer names (made
@@ -123,13 +123,13 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
             method = layer.get("method", "max")
             if method not in ("max", "avg"):
                 raise TranslationError(f"{where}: Expected method 'max' or 'avg'. Received method={method!r}")
-            if any(pads):
+            if any(pads) or method == "max":
+                # max: MaxPooling2D breaks ties row-major, MatConvNet column-major
                 x = L.MatConvNetPooling(
                     size, stride, ((pads[0], pads[1]), (pads[2], pads[3])), method, name=name, **kw
                 )(x)
             else:
-                cls = keras.layers.MaxPooling2D if method == "max" else keras.layers.AveragePooling2D
-                x = cls(size, stride, padding="valid", name=name, **kw)(x)
+                x = keras.layers.AveragePooling2D(size, stride, padding="valid", name=name, **kw)(x)
         elif t == "relu":
             leak = _scalar(layer.get("leak", 0.0))
             if leak > 0:

@@ -1,7 +1,8 @@
 """Custom Keras layers for MatConvNet operations that no stock Keras layer computes exactly.
 
 - ``MatConvNetPooling``: pooling with MatConvNet's clipped windows (padding is not a
-  value: max never picks it, avg divides by the number of real cells).
+  value: max never picks it, avg divides by the number of real cells) and, for max,
+  MatConvNet's tie rule (the derivative goes to the first maximum in column-major order).
 - ``MatConvNetLeakyReLU``: vl_nnrelu with a leak held in the data's precision.
 - ``MatConvNetLRN``: vl_nnnormalize's cross-channel LRN (ALPHA not divided by N).
 - ``GroupedConv2DTranspose``: vl_nnconvt with filter groups.
@@ -31,7 +32,9 @@ __all__ = [
 
 @keras.saving.register_keras_serializable(package="mcn_harness")
 class MatConvNetPooling(keras.layers.Layer):
-    """vl_nnpool with padding ``((top, bottom), (left, right))`` as clipped windows."""
+    """vl_nnpool with padding ``((top, bottom), (left, right))`` as clipped windows; max
+    pooling sends the derivative of a tied window to its first maximum in column-major
+    order, as MatConvNet does (stock MaxPooling2D picks the first in row-major order)."""
 
     def __init__(self, pool_size, strides, padding, method="max", **kwargs):
         super().__init__(**kwargs)
@@ -48,7 +51,12 @@ class MatConvNetPooling(keras.layers.Layer):
         if self.method == "max":
             # -inf padding: a window never picks a padded cell (the clipped window).
             xp = ops.pad(x, pads, constant_values=float("-inf"))
-            return ops.max_pool(xp, self.pool_size, self.strides, padding="valid")
+            # Ties: MatConvNet's derivative goes to the first maximum in column-major
+            # order, TensorFlow's to the first in row-major order. Pooling the tensor with
+            # H and W swapped makes TensorFlow's row-major scan MatConvNet's column-major one.
+            xt = ops.transpose(xp, (0, 2, 1, 3))
+            y = ops.max_pool(xt, self.pool_size[::-1], self.strides[::-1], padding="valid")
+            return ops.transpose(y, (0, 2, 1, 3))
         xp = ops.pad(x, pads)
         area = float(self.pool_size[0] * self.pool_size[1])
         summed = ops.average_pool(xp, self.pool_size, self.strides, padding="valid") * area

@@ -150,3 +150,19 @@ def test_convt_translation_is_equivalent(groups, mode):
     report = harness.compare(net, model, x, [[1, 3]], mode=mode)
     assert report.ok, str(report)
     assert sum(r.tensor.startswith("dzdw") for r in report.rows) == 6
+
+
+@pytest.mark.parametrize("dialect", ["master", "beta25"])
+def test_keras_loss_matches_the_reference_loss_in_float64(dialect):
+    from harness.translate import keras_loss
+
+    net = seed_net(seed=4)
+    x, labels = _batch(net, 4, seed=5)
+    labels[0, 1] = 0  # ignored, still counted in master's divisor
+    ref = vl_simplenn(net, x, None, labels, dialect=dialect)[-1].x
+    model = to_keras(net)
+    loss = keras_loss(net, dialect)
+    got = float(loss(labels.ravel(), model(to_nhwc(x))))
+    assert abs(got - float(np.ravel(ref)[0])) <= 1e-13 * abs(float(np.ravel(ref)[0]))
+    again = type(loss).from_config(loss.get_config())
+    assert again.get_config() == loss.get_config()

@@ -187,10 +187,11 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
     return model
 
 
-def keras_loss(net: Net | None = None, dialect: str = "master"):
-    """The Keras loss equivalent to the net's final softmaxloss/loss layer."""
+def keras_loss(net: Net | None = None, dialect: str = "master", dtype: str = "float64"):
+    """The Keras loss equivalent to the net's final softmaxloss/loss layer (computing in
+    ``dtype``)."""
     from .layers import MatConvNetSoftmaxLoss
 
     if net is not None and (not net.layers or net.layers[-1].type not in ("softmaxloss", "loss")):
         raise TranslationError("Expected the net to end with a softmaxloss or loss layer.")
-    return MatConvNetSoftmaxLoss(dialect=dialect)
+    return MatConvNetSoftmaxLoss(dialect=dialect, dtype=dtype)

@@ -244,11 +244,13 @@ class MatConvNetSoftmaxLoss(keras.losses.Loss):
     divides the batch sum by N (ignored images still count), ``beta25`` does not.
     """
 
-    def __init__(self, dialect="master", name="matconvnet_softmaxloss", **kwargs):
+    def __init__(self, dialect="master", name="matconvnet_softmaxloss", dtype="float64", **kwargs):
+        # dtype: a Keras Loss computes in floatx() (float32) unless told, which would round a
+        # float64 comparison to ~1e-8
         if dialect not in ("master", "beta25"):
             raise ValueError(f"Expected dialect 'master' or 'beta25'. Received dialect={dialect!r}")
         reduction = "sum_over_batch_size" if dialect == "master" else "sum"
-        super().__init__(name=name, reduction=reduction, **kwargs)
+        super().__init__(name=name, reduction=reduction, dtype=dtype, **kwargs)
         self.dialect = dialect
 
     def call(self, y_true, y_pred):
@@ -269,7 +271,7 @@ class MatConvNetSoftmaxLoss(keras.losses.Loss):
         return ops.sum(ops.reshape(per_pixel, (n, -1)), axis=1)
 
     def get_config(self):
-        return {"dialect": self.dialect, "name": self.name}
+        return {"dialect": self.dialect, "name": self.name, "dtype": self.dtype}
 
 
 CUSTOM_OBJECTS = {

@@ -89,9 +89,8 @@ def catalogue(cases: list) -> None:
         if (k + 1) % 10 == 0:
             print(f"  {k + 1}/{len(cases)} nets, {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\nplanted bugs on {len(cases)} generated nets ({time.perf_counter() - t0:.0f} s)")
-    print(
-        f"{'bug':<22} {'planted':>7} {'showable':>8} {'detected':>9} {'localised':>9} {'blamed elsewhere':>16}"
-    )
+    header = ("bug", "planted", "showable", "detected", "localised", "blamed elsewhere")
+    print(f"{header[0]:<22} {header[1]:>7} {header[2]:>8} {header[3]:>9} {header[4]:>9} {header[5]:>16}")
     for bug in BUGS:
         o, d = observable[bug.name], detected[bug.name]
         print(

@@ -12,6 +12,8 @@ filter minus the padding; crops below the filter size.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -97,17 +99,19 @@ def make_bias(rng, k: int, form: str):
 
 
 @st.composite
-def conv_cases(draw, max_size: int = 7):
+def conv_cases(draw, max_size: int = 7, row_gemm: bool = False):
     """(x shape, f shape, pad [T B L R], stride, dilate, bias form, seed): valid by construction.
 
     Groups G, per-group depth FC and filters per group KG are drawn first (C = G*FC,
     K = G*KG); H and W are at least the dilated filter extent minus the padding.
-    Shrinks toward one group, 1x1 filters, no padding, stride and dilation 1.
+    Shrinks toward one group, 1x1 filters, no padding, stride and dilation 1. With
+    ``row_gemm`` only cases the row-GEMM path takes: one group, column stride 1.
     """
-    groups, fc, kg = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    groups = 1 if row_gemm else draw(st.integers(1, 3))
+    fc, kg = draw(st.integers(1, 2 + row_gemm)), draw(st.integers(1, 2 + row_gemm))
     fh, fw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     dilate = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), 1 if row_gemm else draw(st.integers(1, 3)))
     pad = tuple(draw(st.integers(0, 2)) for _ in range(4))
     ext_h, ext_w = (fh - 1) * dilate[0] + 1, (fw - 1) * dilate[1] + 1
     h = draw(st.integers(max(1, ext_h - pad[0] - pad[1]), max_size))
@@ -180,16 +184,17 @@ def test_conv_empty_filters_subsamples_and_gradients(h, w, c, pad, stride, with_
 
 
 @st.composite
-def convt_cases(draw, max_size: int = 5):
+def convt_cases(draw, max_size: int = 5, row_gemm: bool = False):
     """(x shape, f shape FH x FW x K x D, upsample, crop [T B L R], groups, bias form, seed).
 
     num_groups G and the per-group input depth are drawn first (D = G*DG); crops are
     drawn below the filter size per axis so the output is never empty. Shrinks toward one
     group, 1x1 filters, no upsampling or cropping.
     """
-    groups, dg, k = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    groups = 1 if row_gemm else draw(st.integers(1, 3))
+    dg, k = draw(st.integers(1, 2 + row_gemm)), draw(st.integers(1, 2 + row_gemm))
     fh, fw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    upsample = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    upsample = (draw(st.integers(1, 3)), 1 if row_gemm else draw(st.integers(1, 3)))
     ct = draw(st.integers(0, fh - 1))
     cb = draw(st.integers(0, fh - 1 - ct))
     cl = draw(st.integers(0, fw - 1))
@@ -269,6 +274,88 @@ def test_conv_derivatives_are_consistent(case, ones):
         )
 
 
+@contextlib.contextmanager
+def row_gemm_path(enabled: bool):
+    """Force the row-GEMM path on wherever it applies (or off everywhere), whatever the sizes."""
+    saved = conv_module._ROWS_MIN_DEPTH, conv_module._ROWS_MIN_PIXELS
+    conv_module._ROWS_MIN_DEPTH = conv_module._ROWS_MIN_PIXELS = 1 if enabled else 2**62
+    try:
+        yield
+    finally:
+        conv_module._ROWS_MIN_DEPTH, conv_module._ROWS_MIN_PIXELS = saved
+
+
+@settings(deadline=None)
+@given(case=conv_cases(row_gemm=True))
+def test_row_gemm_conv_matches_loops_gradients_and_columns(case):
+    """The row-GEMM path (one BLAS product per output row and tap) against the definition,
+    central differences, and the column-matrix path."""
+    xshape, fshape, pad, stride, dilate, form, seed = case
+    rng = np.random.default_rng(seed)
+    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
+    b = make_bias(rng, fshape[3], form)
+    opts = dict(pad=pad, stride=stride, dilate=dilate)
+    with row_gemm_path(True):
+        y = vl_nnconv(x, f, b, **opts)
+        dzdy = rng.standard_normal(y.shape)
+        grads = vl_nnconv(x, f, b, dzdy, **opts)
+        arrays = {"x": x, "f": f} | ({} if b is None else {"b": b})
+        grad_check(
+            lambda: float(np.sum(vl_nnconv(x, f, b, **opts) * dzdy)),
+            arrays,
+            dict(zip("xfb", grads, strict=True)),
+            seed,
+        )
+    np.testing.assert_allclose(y, loop_conv(x, f, b, pad, stride, dilate), rtol=1e-12, atol=1e-12)
+    with row_gemm_path(False):
+        columns = vl_nnconv(x, f, b, dzdy, **opts)
+    for got, want in zip(grads, columns, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(deadline=None)
+@given(case=convt_cases(row_gemm=True))
+def test_row_gemm_convt_matches_loops_and_columns(case):
+    xshape, fshape, upsample, crop, groups, form, seed = case
+    rng = np.random.default_rng(seed)
+    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
+    b = make_bias(rng, fshape[2] * groups, form)
+    opts = dict(upsample=upsample, crop=crop, num_groups=groups)
+    with row_gemm_path(True):
+        y = vl_nnconvt(x, f, b, **opts)
+        dzdy = rng.standard_normal(y.shape)
+        grads = vl_nnconvt(x, f, b, dzdy, **opts)
+    np.testing.assert_allclose(y, loop_convt(x, f, b, upsample, crop, groups), rtol=1e-12, atol=1e-12)
+    with row_gemm_path(False):
+        columns = vl_nnconvt(x, f, b, dzdy, **opts)
+    for got, want in zip(grads, columns, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_row_gemm_path_is_taken_for_wide_batches(monkeypatch):
+    """With the default thresholds a deep layer on a wide batch takes the row-GEMM path, and in
+    float32 agrees with the column-matrix path."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 9, 16, 600)).astype(np.float32)  # Wo*N = 7*600 pixels a row
+    f = rng.standard_normal((2, 3, 16, 20)).astype(np.float32)
+    b = rng.standard_normal((1, 20)).astype(np.float32)
+    opts = dict(pad=(1, 0, 0, 1), stride=(2, 1))
+    dzdy = rng.standard_normal(vl_nnconv(x, f, b, **opts).shape).astype(np.float32)
+    taken = []
+    for name in ("_rows_forward", "_rows_backward"):
+        original = getattr(conv_module, name)
+        monkeypatch.setattr(
+            conv_module, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k)
+        )
+    rows = [vl_nnconv(x, f, b, **opts), *vl_nnconv(x, f, b, dzdy, **opts)]
+    assert taken == ["_rows_forward", "_rows_backward"]
+    with row_gemm_path(False):
+        columns = [vl_nnconv(x, f, b, **opts), *vl_nnconv(x, f, b, dzdy, **opts)]
+    for got, want in zip(rows, columns, strict=True):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize(
     "op, xshape, fshape, opts",
     [
@@ -282,17 +369,20 @@ def test_conv_derivatives_are_consistent(case, ones):
         (vl_nnconvt, (1, 1, 4, 3), (3, 2, 5, 4), {}),  # one pixel: the "fully connected" transpose
     ],
 )
-def test_chunked_rows_match_one_chunk(monkeypatch, op, xshape, fshape, opts):
-    """Splitting the output rows into column-buffer chunks changes nothing, in either precision."""
+@pytest.mark.parametrize("row_gemm", [False, True])
+def test_chunked_rows_match_one_chunk(monkeypatch, op, xshape, fshape, opts, row_gemm):
+    """Splitting the output rows into chunks (of the column buffer, or of the row-GEMM outputs)
+    changes nothing, in either precision."""
     rng = np.random.default_rng(0)
     for dtype in (np.float64, np.float32):
         x, f = rng.standard_normal(xshape).astype(dtype), rng.standard_normal(fshape).astype(dtype)
         b = rng.standard_normal(op(x, f, None, **opts).shape[2]).astype(dtype)
         dzdy = rng.standard_normal(op(x, f, b, **opts).shape).astype(dtype)
-        whole = [op(x, f, b, **opts), *op(x, f, b, dzdy, **opts)]
-        monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)
-        chunked = [op(x, f, b, **opts), *op(x, f, b, dzdy, **opts)]
-        monkeypatch.undo()
+        with row_gemm_path(row_gemm):
+            whole = [op(x, f, b, **opts), *op(x, f, b, dzdy, **opts)]
+            monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)
+            chunked = [op(x, f, b, **opts), *op(x, f, b, dzdy, **opts)]
+            monkeypatch.undo()
         for a, c in zip(whole, chunked, strict=True):
             assert a.dtype == dtype
             np.testing.assert_allclose(a, c, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)

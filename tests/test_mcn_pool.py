@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import harness.mcn.pool as pool_module
 from harness.mcn import McnError, vl_nnpool
 
 STEP = 1e-6
@@ -204,6 +205,60 @@ def test_large_input_matches_small_slices():
             np.testing.assert_array_equal(
                 dzdx[..., m : m + 1], vl_nnpool(x[..., m : m + 1], 3, dzdy[..., m : m + 1], **kw)
             )
+
+
+@pytest.mark.parametrize(
+    ("pool", "kw"),
+    [
+        (3, dict(method="max", pad=1, stride=1)),  # overlapping windows: compact blocks
+        ([3, 2], dict(method="max", pad=[2, 0, 1, 0], stride=[2, 1])),
+        (3, dict(method="avg", pad=[0, 1, 1, 0], stride=1)),
+        (2, dict(method="max", stride=2)),  # disjoint windows: the arrays themselves, split
+        ([2, 3], dict(method="avg", pad=[1, 0, 0, 2], stride=[2, 3])),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_and_threads_change_nothing(monkeypatch, pool, kw, dtype):
+    """Work split into blocks over two threads equals the whole array on one thread, bit for bit."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 3, (7, 6, 5, 40)).astype(dtype)  # ties everywhere; C*N = 200
+    y = vl_nnpool(x, pool, **kw)
+    dzdy = rng.standard_normal(y.shape).astype(dtype)
+    monkeypatch.setattr(pool_module, "_cores", lambda: 1)
+    monkeypatch.setattr(pool_module, "_BLOCK_BYTES", 1 << 30)
+    whole = (vl_nnpool(x, pool, **kw), vl_nnpool(x, pool, dzdy, **kw))
+    np.testing.assert_array_equal(whole[0], y)
+    monkeypatch.setattr(pool_module, "_cores", lambda: 2)
+    monkeypatch.setattr(pool_module, "_PARALLEL_MIN", 0)
+    # Blocks one column wide, then whole cache lines wide (48 or 64) with a narrower last one.
+    for block_bytes in (1, 30_000):
+        monkeypatch.setattr(pool_module, "_BLOCK_BYTES", block_bytes)
+        np.testing.assert_array_equal(vl_nnpool(x, pool, **kw), whole[0])
+        np.testing.assert_array_equal(vl_nnpool(x, pool, dzdy, **kw), whole[1])
+
+
+def test_max_backward_with_non_finite_dzdy_adds_only_to_winners():
+    # dzdy * 0 would be NaN: an infinite or NaN derivative must reach its winning cell only.
+    rng = np.random.default_rng(5)
+    x = tie_free((6, 5, 2, 3), rng).astype(np.float32)
+    y = vl_nnpool(x, 2, stride=1)
+    dzdy = rng.standard_normal(y.shape).astype(np.float32)
+    dzdy[1, 2, 0, 1], dzdy[3, 0, 1, 2] = np.inf, np.nan
+    want = loop_pool(x, (2, 2), dzdy)
+    np.testing.assert_array_equal(vl_nnpool(x, 2, dzdy), want)
+    assert np.isnan(want).sum() == 1 and np.isinf(want).sum() == 1
+
+
+def test_max_pool_with_more_than_255_taps():
+    # A 16 x 17 pool has 272 taps: more than a byte can number.
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 50, (18, 17, 2, 1)).astype(np.float32)
+    y = vl_nnpool(x, [16, 17], pad=[0, 1, 0, 0])
+    np.testing.assert_array_equal(y, loop_pool(x, (16, 17), pad=(0, 1, 0, 0)))
+    dzdy = rng.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_array_equal(
+        vl_nnpool(x, [16, 17], dzdy, pad=[0, 1, 0, 0]), loop_pool(x, (16, 17), dzdy, pad=(0, 1, 0, 0))
+    )
 
 
 X = np.zeros((4, 4, 2, 1), np.float32)

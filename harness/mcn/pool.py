@@ -4,7 +4,9 @@ MatConvNet's pooling windows are clipped to the real image: padding is never a v
 Max pooling therefore never picks a padded cell, and average pooling divides by the
 number of real cells in the clipped window. The reference loops over the few pooling
 taps only; every tap is one strided slice of the input against a sub-range of the
-output grid, so the padded cells are simply never visited.
+output grid, so the padded cells are simply never visited. The work is split along the
+flattened channel-and-image axis among the cores, in cache-sized blocks when windows
+overlap (``_run_blocks``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def _clipped_counts(n_in: int, n_out: int, pad_before: int, stride: int, size: i
     return np.minimum(first + size, n_in) - np.maximum(first, 0)
 
 
+# Each kernel works on blocks of the flattened channel-and-image axis whose buffers fit in
+# about this many bytes, so the per-tap passes re-read cached data instead of memory.
+_BLOCK_BYTES = 4 << 20
 # Below this many elements the ops run on the calling thread only.
 _PARALLEL_MIN = 1 << 16
 _executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (owning process id, workers, executor)
@@ -68,26 +73,80 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _run_split(kernel: Callable[..., None], *arrays: np.ndarray) -> None:
-    """Apply ``kernel`` to matching slices of 3-D ``(H, W, C*N)`` arrays, one slice per core.
-
-    Pixels and images are independent, so each core takes a contiguous part of the
-    flattened channel-and-image axis (numpy releases the GIL inside its loops); the long
-    contiguous runs keep every per-tap pass a plain streaming loop.
-    """
+def _map(fn: Callable[[Any], None], items: list[Any]) -> None:
+    """``fn`` over ``items`` on a pool of one thread per item (numpy releases the GIL in its loops)."""
     global _executor
-    cn = arrays[0].shape[2]
-    workers = min(_cores(), cn)
-    if workers < 2 or min(a.size for a in arrays) < _PARALLEL_MIN:
-        kernel(*arrays)
+    if len(items) < 2:
+        for item in items:
+            fn(item)
         return
     # A forked child inherits the executor object but not its threads: make a new one.
-    if _executor is None or _executor[0] != os.getpid() or _executor[1] < workers:
-        _executor = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="mcn-pool"))
-    bounds = [cn * k // workers for k in range(workers + 1)]
-    chunks = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    for _ in _executor[2].map(lambda c: kernel(*(a[:, :, c] for a in arrays)), chunks):
+    if _executor is None or _executor[0] != os.getpid() or _executor[1] < len(items):
+        _executor = (os.getpid(), len(items), ThreadPoolExecutor(len(items), thread_name_prefix="mcn-pool"))
+    for _ in _executor[2].map(fn, items):
         pass
+
+
+def _run_blocks(
+    kernel: Callable[..., None],
+    ins: tuple[np.ndarray, ...],
+    outs: tuple[np.ndarray, ...],
+    scratch: tuple[tuple[tuple[int, int], np.dtype], ...],
+    *,
+    overlap: bool,
+) -> None:
+    """Apply ``kernel(*ins, *outs, *scratch)`` to parts of the last axis of 3-D ``(H, W, C*N)`` arrays.
+
+    Pixels and images are independent, so each core takes its own part of the flattened
+    channel-and-image axis. ``scratch`` gives the (H, W) and dtype of per-part work buffers.
+    When the windows ``overlap`` every input cell is read by several taps, and the parts
+    are blocks of about ``_BLOCK_BYTES`` copied into compact buffers first: a block of a
+    wide array is hundreds of short runs a power of two apart, which the caches hold
+    badly, while in a compact buffer every per-tap pass re-reads cached data. Otherwise
+    each tap reads its cells once and the kernel runs on the arrays themselves.
+    """
+    cn = ins[0].shape[2]
+    col_bytes = sum(a.shape[0] * a.shape[1] * a.itemsize for a in ins + outs)
+    col_bytes += sum(hw[0] * hw[1] * np.dtype(dt).itemsize for hw, dt in scratch)
+    workers = min(_cores(), cn)
+    if min(a.size for a in ins + outs) < _PARALLEL_MIN:
+        workers = 1
+    width = _BLOCK_BYTES // max(1, col_bytes) if overlap else -(-cn // workers)
+    if cn <= width or workers == 1 and not overlap or min(a.size for a in ins + outs) == 0:
+        kernel(*ins, *outs, *(np.empty((*hw, cn), dt) for hw, dt in scratch))
+        return
+    # As many blocks for each worker; buffered blocks are whole cache lines (multiples of
+    # 16 numbers) wide, but for the last one.
+    nblocks = -(-cn // (max(1, width) * workers)) * workers
+    if overlap and cn >= 16 * nblocks:
+        width = -(-cn // nblocks // 16) * 16
+        blocks = [slice(lo, min(lo + width, cn)) for lo in range(0, cn, width)]
+    else:
+        blocks = [slice(cn * q // nblocks, cn * (q + 1) // nblocks) for q in range(nblocks)]
+        width = -(-cn // nblocks)
+    shapes = [a.shape[:2] for a in ins + outs] + [hw for hw, _ in scratch]
+    dtypes = [a.dtype for a in ins + outs] + [np.dtype(dt) for _, dt in scratch]
+
+    def work(part: list[slice]) -> None:
+        first = 0 if overlap else len(ins + outs)  # without overlap only scratch is buffered
+        flat = [
+            np.empty(hw[0] * hw[1] * width, dt) for hw, dt in zip(shapes[first:], dtypes[first:], strict=True)
+        ]
+        for b in part:
+            n = b.stop - b.start  # contiguous (H, W, n) buffers, also for a narrower last block
+            views = [
+                f[: hw[0] * hw[1] * n].reshape(*hw, n) for f, hw in zip(flat, shapes[first:], strict=True)
+            ]
+            if not overlap:
+                kernel(*(a[:, :, b] for a in ins + outs), *views)
+                continue
+            for a, v in zip(ins, views, strict=False):
+                np.copyto(v, a[:, :, b])
+            kernel(*views)
+            for a, v in zip(outs, views[len(ins) :], strict=False):
+                np.copyto(a[:, :, b], v)
+
+    _map(work, [blocks[k::workers] for k in range(workers)])
 
 
 def _max_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap]) -> None:
@@ -97,22 +156,43 @@ def _max_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap]) -> None:
         np.fmax(y[o], x[i], out=y[o])
 
 
-def _max_backward(x: np.ndarray, dzdy: np.ndarray, dzdx: np.ndarray, taps: list[_Tap]) -> None:
+def _max_backward(
+    x: np.ndarray,
+    dzdy: np.ndarray,
+    dzdx: np.ndarray,
+    best: np.ndarray,
+    win: np.ndarray,
+    hit: np.ndarray,
+    taps: list[_Tap],
+) -> None:
     # acc_max scans with a strict '>' from -inf: the derivative goes to the first cell equal
-    # to the window maximum, and nowhere when that maximum is -inf. Masked numpy ops are slow
-    # on random masks, so the winners are kept as one boolean mask per tap.
-    y = np.empty(dzdy.shape, x.dtype)
-    _max_forward(x, y, taps)
-    taken = y == -np.inf
-    hits = np.empty((len(taps),) + dzdy.shape, bool)
-    for hit, (_, o, i) in zip(hits, taps, strict=True):
-        np.equal(x[i], y[o], out=hit[o])
-        np.greater(hit[o], taken[o], out=hit[o])  # equal and not yet taken
-        taken[o] |= hit[o]
-    contrib = y  # reuse the buffer
+    # to the window maximum, and nowhere when that maximum is -inf. ``win`` holds each
+    # output's winning tap as 1 + its position in ``taps`` (0: none): a later strict
+    # improvement always has a larger number, so a maximum records it without a masked
+    # store (masked numpy ops are slow on random masks).
+    best.fill(-np.inf)
+    win.fill(0)
+    hit8 = hit.view(np.uint8)
+    for t, (_, o, i) in enumerate(taps, 1):
+        np.greater(x[i], best[o], out=hit[o])
+        np.fmax(best[o], x[i], out=best[o])
+        if win.dtype == np.uint8:
+            np.multiply(hit8[o], np.uint8(t), out=hit8[o])
+            np.maximum(win[o], hit8[o], out=win[o])
+        else:  # 255 taps or more (a huge pool): the slow store
+            np.copyto(win[o], t, where=hit[o])
+    # dzdy * 0 is NaN where dzdy is not finite, where the C++ adds nothing: such blocks
+    # (never in practice) select with the slow masked copy.
+    finite = bool(np.isfinite(dzdy, out=hit).all())
+    contrib = best  # reuse the buffer
     dzdx.fill(0)
-    for hit, (_, o, i) in zip(reversed(hits), reversed(taps), strict=True):
-        np.multiply(dzdy[o], hit[o], out=contrib[o])
+    for t, (_, o, i) in reversed(list(enumerate(taps, 1))):
+        np.equal(win[o], t, out=hit[o])
+        if finite:
+            np.multiply(dzdy[o], hit[o], out=contrib[o])
+        else:
+            contrib[o] = 0
+            np.copyto(contrib[o], dzdy[o], where=hit[o])
         np.add(dzdx[i], contrib[o], out=dzdx[i])
 
 
@@ -125,8 +205,10 @@ def _avg_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarr
         y *= scale
 
 
-def _avg_backward(dzdy: np.ndarray, dzdx: np.ndarray, taps: list[_Tap], scale: np.ndarray) -> None:
-    g = dzdy * scale
+def _avg_backward(
+    dzdy: np.ndarray, dzdx: np.ndarray, g: np.ndarray, taps: list[_Tap], scale: np.ndarray
+) -> None:
+    np.multiply(dzdy, scale, out=g)
     dzdx.fill(0)
     for _, o, i in reversed(taps):
         np.add(dzdx[i], g[o], out=dzdx[i])
@@ -192,15 +274,16 @@ def vl_nnpool(
     # Reverse tap order in the backward kernels adds each input cell's contributions in the
     # order of nnpooling.cpp's output loop (later outputs reach a cell through earlier taps),
     # so float32 sums agree bit for bit.
+    overlap = pool_hw[0] > stride_yx[0] or pool_hw[1] > stride_yx[1]
     cn = x.shape[2] * x.shape[3]
     x3 = np.ascontiguousarray(x).reshape(x.shape[:2] + (cn,))
     if dzdy is None:
         y = np.empty(out_shape, dt)
         y3 = y.reshape(out + (cn,))
         if method == "max":
-            _run_split(lambda x_, y_: _max_forward(x_, y_, taps), x3, y3)
+            _run_blocks(lambda x_, y_: _max_forward(x_, y_, taps), (x3,), (y3,), (), overlap=overlap)
         else:
-            _run_split(lambda x_, y_: _avg_forward(x_, y_, taps, scale), x3, y3)
+            _run_blocks(lambda x_, y_: _avg_forward(x_, y_, taps, scale), (x3,), (y3,), (), overlap=overlap)
         return y
 
     dzdy = as_4d(dzdy, "dzdy", dtype=dt)
@@ -212,7 +295,15 @@ def vl_nnpool(
     dzdx = np.empty(x.shape, dt)
     dzdx3 = dzdx.reshape(x3.shape)
     if method == "max":
-        _run_split(lambda x_, g_, d_: _max_backward(x_, g_, d_, taps), x3, dzdy3, dzdx3)
+        win_dt = np.dtype(np.uint8 if len(taps) < 256 else np.uint32)
+        scratch = ((out, dt), (out, win_dt), (out, np.dtype(bool)))
+        _run_blocks(lambda *a: _max_backward(*a, taps), (x3, dzdy3), (dzdx3,), scratch, overlap=overlap)
     else:
-        _run_split(lambda g_, d_: _avg_backward(g_, d_, taps, scale), dzdy3, dzdx3)
+        _run_blocks(
+            lambda g_, d_, s_: _avg_backward(g_, d_, s_, taps, scale),
+            (dzdy3,),
+            (dzdx3,),
+            ((out, dt),),
+            overlap=overlap,
+        )
     return dzdx

@@ -18,22 +18,7 @@ from hypothesis import strategies as st
 import harness.mcn.pool as pool_module
 from harness.mcn import McnError, vl_nnpool
 
-STEP = 1e-6
-
-
-def numeric_grad(f, x: np.ndarray) -> np.ndarray:
-    """Central differences of the scalar f at every element of x (float64)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + STEP
-        up = f(x)
-        flat[i] = old - STEP
-        down = f(x)
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * STEP)
-    return grad
+from .gradcheck import numeric_grad
 
 
 def loop_pool(x, pool, dzdy=None, *, method="max", pad=(0, 0, 0, 0), stride=(1, 1)):

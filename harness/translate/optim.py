@@ -68,7 +68,7 @@ from keras import ops
 
 from ..mcn._util import McnError, is_empty
 from ..mcn.net import Net
-from ..mcn.train import SOLVER_DEFAULTS, TrainOpts, _check_multipliers, _schedule, prepare_net
+from ..mcn.train import SOLVER_DEFAULTS, TrainOpts, _check_multipliers, _real, _schedule, prepare_net
 from .build import keras_name
 
 __all__ = [
@@ -92,16 +92,6 @@ _PARAMETER_OF = {
     "convt": {"kernel": 0, "bias": 1},
     "bnorm": {"gamma": 0, "beta": 1},
 }
-
-
-def _real(value: Any, name: str) -> float:
-    try:
-        v = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        v = np.asarray([np.nan])
-    if v.size != 1 or not np.isfinite(v).all() or isinstance(value, bool):
-        raise ValueError(f"Expected {name} to be a finite real number. Received {name}={value!r}")
-    return float(v.ravel()[0])
 
 
 def variable_key(variable) -> str:

@@ -10,23 +10,36 @@
     mcn-harness train-parity --mcn ... --keras ... [--epochs N] [--data digits|imdb.mat] [--plot curves.png]
 
 Exit status: 0 equivalent (or no findings; train-parity: weights still agree at the end),
-1 divergent (or findings; train-parity: weights parted), 2 bad usage or bad input (one
-line on stderr, no traceback).
+1 divergent (or findings; train-parity: weights parted), only ever from a completed
+comparison; 2 could not run: bad usage, bad input, a crash, a model that calls sys.exit
+(one line on stderr naming the file, layer and field; ``--debug`` adds the traceback).
+
+Only ``--keras module:callable`` imports code from the working directory, after the
+installed packages; report files (--json, --html, --plot) are written whole, after
+everything is computed, and never over an input.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .inputs import InputError, keras_model_factory, load_mcn_spec, probe_batch
+from .inputs import (
+    InputError,
+    build_model,
+    input_size,
+    keras_model_factory,
+    load_mcn_spec,
+    num_classes,
+    probe_batch,
+)
 from .mcn import McnError, vl_simplenn
 from .mcn.net import Net
+from .textio import json_dumps, safe_text, write_atomic
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -76,26 +89,13 @@ def _silence_native_stderr() -> None:
 
 def _load(args) -> tuple[Net, object]:
     base = Path.cwd()
-    if str(base) not in sys.path:
-        sys.path.insert(0, str(base))  # module:callable relative to where the user stands
     net = load_mcn_spec(args.mcn, "--mcn", base)
     factory = keras_model_factory(args.keras, "--keras", base)
-    try:
-        model = factory()
-    except InputError:
-        raise
-    except Exception as err:
-        raise InputError(
-            f"--keras {args.keras!r}: building the model failed: {type(err).__name__}: {err}"
-        ) from None
-    import keras
-
-    if not isinstance(model, keras.Model):
-        raise InputError(f"--keras {args.keras!r}: expected a keras.Model, got {type(model).__name__}")
-    size = net.meta.get("inputSize")
-    if size is not None:
-        want = tuple(int(v) for v in np.asarray(size, dtype=float).ravel()[:3])
-        got = tuple(model.inputs[0].shape[1:])
+    model = build_model(factory, "--keras", args.keras)
+    if net.meta.get("inputSize") is not None:
+        want = input_size(net)
+        inputs = getattr(model, "inputs", None) or []
+        got = tuple(inputs[0].shape[1:]) if inputs else ()
         if (
             len(got) == 3
             and tuple(int(g) if g is not None else w for g, w in zip(got, want, strict=False)) != want
@@ -136,7 +136,6 @@ def _check_one(net: Net, model, args, out) -> int:
     )
     if report.alignment_problems and all("shapes" in p for p in report.alignment_problems):
         raise InputError(report.alignment_problems[0])
-    print(_paint(str(report), out), file=out)
     causes = []
     if not report.ok and report.first_divergence:
         from .compare.diagnose import probe_causes
@@ -144,19 +143,25 @@ def _check_one(net: Net, model, args, out) -> int:
         causes = probe_causes(
             net, model, report, x, labels, mode=args.mode, dialect=args.dialect, weights=args.weights
         )
-        for c in causes:
-            print(f"likely cause at '{report.first_divergence['culprit']}': {c}", file=out)
+    # everything is computed and rendered before anything is printed or written: a
+    # failure while rendering can then never follow a printed verdict
+    lines = [_paint(str(report), out)]
+    culprit = safe_text(report.first_divergence["culprit"]) if report.first_divergence else ""
+    lines += [f"likely cause at '{culprit}': {safe_text(c)}" for c in causes]
     if findings:
-        print(f"\nfindings ({len(findings)}):", file=out)
-        for f in findings:
-            print(f"  {f}", file=out)
+        lines.append(f"\nfindings ({len(findings)}):")
+        lines += [f"  {safe_text(f)}" for f in findings]
+    files = {}
     if args.json:
         payload = report.to_dict()
         payload["findings"] = [f.to_dict() for f in findings]
         payload["causes"] = causes
-        Path(args.json).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        files[args.json] = json_dumps(payload)
     if args.html:
-        Path(args.html).write_text(to_html(report, findings))
+        files[args.html] = to_html(report, findings)
+    print("\n".join(lines), file=out)
+    for path, text in files.items():
+        write_atomic(path, text)
     return 0 if report.ok else 1
 
 
@@ -170,10 +175,11 @@ def _cmd_diagnose(args) -> int:
 
     net, model = _load(args)
     findings = diagnose(net, model)
+    text = json_dumps([f.to_dict() for f in findings]) if args.json else None
     for f in findings:
-        print(f)
-    if args.json:
-        Path(args.json).write_text(json.dumps([f.to_dict() for f in findings], indent=2, sort_keys=True))
+        print(safe_text(f))
+    if text is not None:
+        write_atomic(args.json, text)
     if not findings:
         print("no static differences found")
     return 1 if findings else 0
@@ -224,27 +230,28 @@ def _cmd_reference(args) -> int:
         y = res[i + 1].x
         shape = " x ".join(str(s) for s in np.shape(y)[:3]) if np.ndim(y) == 4 else "scalar"
         dx = res[i].dzdx
-        dmax = "" if dx is None else f"{float(np.max(np.abs(dx))):>10.3g}"
+        dmax = "" if dx is None else f"{float(np.max(np.abs(dx), initial=0.0)):>10.3g}"
         print(
-            f"{i + 1:>3}  {layer.name:<12.12} {layer.type:<12} {shape:<20} "
-            f"{float(np.max(np.abs(y))):>10.3g} {dmax}"
+            f"{i + 1:>3}  {safe_text(layer.name):<12.12} {safe_text(layer.type):<12.12} {shape:<20} "
+            f"{float(np.max(np.abs(y), initial=0.0)):>10.3g} {dmax}"
         )
     return 0
 
 
 def _cmd_train_parity(args) -> int:
-    from .data import digits_imdb, load_imdb
-    from .parity import plot_parity, train_parity
+    from .data import check_imdb_labels, digits_imdb, load_imdb
+    from .parity import check_plot_path, plot_parity, train_parity
 
+    if args.plot:
+        check_plot_path(args.plot)  # before hours of training, not after
     net, model = _load(args)
     imdb = digits_imdb() if args.data == "digits" else load_imdb(args.data)
-    if imdb.images.shape[:3] != tuple(
-        int(v) for v in np.asarray(net.meta.get("inputSize"), float).ravel()[:3]
-    ):
+    if imdb.images.shape[:3] != input_size(net):
         raise InputError(
             f"--data {args.data!r}: images are {imdb.images.shape[:3]} (H, W, C), the net takes "
-            f"{tuple(int(v) for v in np.asarray(net.meta.get('inputSize'), float).ravel()[:3])}"
+            f"{input_size(net)} (inputSize)"
         )
+    check_imdb_labels(imdb, num_classes(net), f"--data {args.data!r}")
     result = train_parity(
         net,
         model,
@@ -273,18 +280,22 @@ def _cmd_train_parity(args) -> int:
             + "; Keras "
             + " ".join(f"{100 * v:.1f}%" for v in result.val_error_keras)
         )
+    if args.json:
+        write_atomic(args.json, result.to_json())
     if args.plot:
         plot_parity(result, args.plot)
-        print(f"plot written to {args.plot}")
-    if args.json:
-        Path(args.json).write_text(result.to_json())
+        print(f"plot written to {safe_text(args.plot)}")
     last = result.steps[-1]
-    return 0 if last.max_weight_diff <= 1e-3 * max(1.0, abs(last.loss_ref)) else 1
+    finite = np.isfinite([last.max_weight_diff, last.loss_ref, last.loss_keras]).all()
+    return 0 if finite and last.max_weight_diff <= 1e-3 * max(1.0, abs(last.loss_ref)) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="mcn-harness", description="Find where a Keras port of a MatConvNet network diverges."
+        prog="mcn-harness",
+        description="Find where a Keras port of a MatConvNet network diverges.",
+        epilog="Exit status: 0 equivalent, 1 divergent, 2 could not run. Add --debug anywhere to see "
+        "the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -337,47 +348,124 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_cwd_from_path() -> None:
+    """``python -m`` and ``python -c`` put the working directory first on sys.path: a
+    keras.py or numpy.py lying next to the user's data would then be imported in place of
+    the real package. Only ``--keras module:callable`` imports from there (appended last,
+    by harness.inputs)."""
+    here = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != here]
+
+
+def _check_outputs(args) -> None:
+    """Report files must not overwrite an input, nor each other."""
+    inputs = {}
+    for option in ("mcn", "keras", "data"):
+        value = getattr(args, option, None)
+        if value and os.path.exists(value):
+            inputs[os.path.realpath(value)] = f"--{option}"
+    seen = {}
+    for option in ("json", "html", "plot"):
+        value = getattr(args, option, None)
+        if not value:
+            continue
+        real = os.path.realpath(value)
+        if real in inputs:
+            raise _Usage(f"--{option} {value!r} is the {inputs[real]} input: refusing to overwrite it")
+        if real in seen:
+            raise _Usage(f"--{option} {value!r} is also given to {seen[real]}")
+        if os.path.isdir(real):
+            raise _Usage(f"--{option} {value!r} is a directory")
+        if not os.path.isdir(os.path.dirname(real)):
+            raise _Usage(f"--{option} {value!r}: no such directory ({os.path.dirname(real)})")
+        seen[real] = f"--{option}"
+
+
+def _run(args) -> int:
+    if getattr(args, "command", None) is None:
+        return _cmd_seed_demo(args)
+    if args.batch < 1:
+        raise _Usage(f"--batch {args.batch}: expected a positive number of images")
+    if args.command == "train-parity":
+        for option in ("epochs", "batch_size", "max_steps"):
+            value = getattr(args, option)
+            if value is not None and value < 1:
+                raise _Usage(f"--{option.replace('_', '-')} {value}: expected a positive number")
+    _check_outputs(args)
+    commands = {
+        "check": _cmd_check,
+        "diagnose": _cmd_diagnose,
+        "reference": _cmd_reference,
+        "train-parity": _cmd_train_parity,
+    }
+    return commands[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 equivalent, 1 divergent (only from a completed comparison), 2 could
+    not run (one line on stderr; ``--debug`` adds the traceback)."""
     from_console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    if from_console and (not argv or argv[0] in ("check", "diagnose", "train-parity")):
-        _silence_native_stderr()
-        import logging
+    if from_console:
+        _drop_cwd_from_path()
+        if not argv or argv[0] in ("check", "diagnose", "train-parity"):
+            _silence_native_stderr()
+            import logging
 
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices are not for users
+            logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notices are not for users
     try:
         if not argv:
             args = parser.parse_args(["check"])
             args.json = args.html = None
-            return _cmd_seed_demo(args)
-        args = parser.parse_args(argv)
-        if args.command is None:
-            raise _Usage(
-                "expected a command: check, diagnose or reference (or no arguments for the seed demo)"
-            )
-        if args.batch < 1:
-            raise _Usage(f"--batch {args.batch}: expected a positive number of images")
-        commands = {
-            "check": _cmd_check,
-            "diagnose": _cmd_diagnose,
-            "reference": _cmd_reference,
-            "train-parity": _cmd_train_parity,
-        }
-        return commands[args.command](args)
+            args.command = None
+        else:
+            args = parser.parse_args(argv)  # --help exits here, with status 0, as it should
+            if args.command is None:
+                raise _Usage(
+                    "expected a command: check, diagnose, reference or train-parity "
+                    "(or no arguments for the seed demo)"
+                )
     except _Usage as err:
-        print(f"mcn-harness: error: {err}", file=sys.stderr)
-        return 2
-    except McnError as err:
-        print(f"mcn-harness: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return _fail(err, False)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("mcn-harness: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as err:  # only the user's code can get here (argument parsing is done)
+        return _fail(f"the Keras model's code called sys.exit({err.code!r}); no verdict", debug)
+    except (_Usage, McnError) as err:
+        return _fail(err, debug)
+    except MemoryError:
+        return _fail(
+            "out of memory (lower --batch, or set MCN_HARNESS_MEMORY_BUDGET below the machine's memory)",
+            debug,
+        )
+    except RecursionError:
+        return _fail("input nested too deeply to process", debug)
     except OSError as err:
-        print(f"mcn-harness: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return _fail(err, debug)
+    except Exception as err:
+        return _fail(
+            f"internal error: {type(err).__name__}: {err} (no verdict; --debug shows the traceback)", debug
+        )
 
 
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
+def _fail(err, debug: bool) -> int:
+    """One line on stderr, exit 2; with --debug, the traceback first."""
+    if debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    print(f"mcn-harness: error: {_one_line(err)}", file=sys.stderr)
+    return 2
+
+
+def _one_line(err) -> str:
+    return safe_text(" ".join(str(err).split()))
 
 
 if __name__ == "__main__":

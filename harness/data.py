@@ -16,7 +16,7 @@ import numpy as np
 
 from .mcn._util import McnError
 
-__all__ = ["Imdb", "digits_imdb", "load_imdb"]
+__all__ = ["Imdb", "check_imdb_labels", "digits_imdb", "load_imdb"]
 
 
 @dataclass
@@ -59,9 +59,21 @@ def digits_imdb(
     return Imdb(np.ascontiguousarray(images), labels[None, :], sets[None, :], tuple(str(x) for x in digits))
 
 
+def _numeric_array(value, what: str, path) -> np.ndarray:
+    from .mcn.simplenn import describe
+
+    if not isinstance(value, np.ndarray | int | float | np.number) or isinstance(value, bool):
+        raise McnError(f"{path}: Expected {what} to be a numeric array. Received {describe(value)}")
+    a = np.asarray(value)
+    if a.dtype.kind not in "biuf":
+        raise McnError(f"{path}: Expected {what} to be a real numeric array. Received {describe(value)}")
+    return a
+
+
 def load_imdb(path: str | os.PathLike) -> Imdb:
     """Read an imdb .mat (``images`` struct with ``data``, ``labels``, ``set``; or those
-    fields at top level)."""
+    fields at top level), checked: images.data real and finite, images.labels positive
+    integers (1-based class indices), images.set in 1..3; one label and set per image."""
     from .mcn.matfile import _read_variables
 
     v = _read_variables(path)
@@ -69,22 +81,57 @@ def load_imdb(path: str | os.PathLike) -> Imdb:
     if not isinstance(images, dict) or "data" not in images or "labels" not in images:
         raise McnError(
             f"Expected {path} to hold an imdb: images.data (H x W x C x N) and images.labels (1 x N). "
-            f"Received variables: {', '.join(sorted(v)) or 'none'}"
+            f"Received variables: {', '.join(sorted(map(str, v))) or 'none'}"
         )
-    data = np.asarray(images["data"])
+    data = _numeric_array(images["data"], "images.data", path)
     if data.ndim not in (3, 4):
-        raise McnError(f"Expected images.data to be H x W x C x N. Received shape {data.shape}")
+        raise McnError(f"{path}: Expected images.data to be H x W x C x N. Received shape {data.shape}")
     data = data.reshape(data.shape + (1,) * (4 - data.ndim)) if data.ndim == 3 else data
     if not np.issubdtype(data.dtype, np.floating):
         data = data.astype(np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), data.shape))
+        raise McnError(
+            f"{path}: Expected images.data to be finite. Received {int(bad.sum())} NaN/Inf values "
+            f"(first at index {first}, 0-based H, W, C, N)"
+        )
     n = data.shape[3]
-    labels = np.asarray(images["labels"], dtype=float).reshape(1, -1)
+    labels = _numeric_array(images["labels"], "images.labels", path).astype(float).reshape(1, -1)
     if labels.size != n:
-        raise McnError(f"Expected images.labels to have {n} entries (one per image). Received {labels.size}")
-    sets = np.asarray(images.get("set", np.ones(n)), dtype=float).reshape(1, -1)
+        raise McnError(
+            f"{path}: Expected images.labels to have {n} entries (one per image). Received {labels.size}"
+        )
+    wrong = ~np.isfinite(labels) | (labels != np.round(labels)) | (labels < 1)
+    if wrong.any():
+        k = int(np.argmax(wrong.ravel()))
+        raise McnError(
+            f"{path}: Expected images.labels to be class indices 1, 2, ... Received "
+            f"{labels.ravel()[k]!r} for image {k + 1} ({int(wrong.sum())} such labels)"
+        )
+    sets = _numeric_array(images.get("set", np.ones(n)), "images.set", path).astype(float).reshape(1, -1)
     if sets.size != n:
-        raise McnError(f"Expected images.set to have {n} entries. Received {sets.size}")
+        raise McnError(f"{path}: Expected images.set to have {n} entries. Received {sets.size}")
+    if not np.isin(sets, (1, 2, 3)).all():
+        k = int(np.argmax(~np.isin(sets, (1, 2, 3)).ravel()))
+        raise McnError(
+            f"{path}: Expected images.set to be 1 (train), 2 (val) or 3 (test). "
+            f"Received {sets.ravel()[k]!r} for image {k + 1}"
+        )
     meta = v.get("meta", {}) if isinstance(v.get("meta"), dict) else {}
     classes = meta.get("classes", ())
     classes = tuple(str(c) for c in classes) if isinstance(classes, list) else ()
     return Imdb(data, labels, sets, classes)
+
+
+def check_imdb_labels(imdb: Imdb, num_classes: int, source: str) -> None:
+    """Refuse labels above the number of classes the net predicts (McnError naming
+    images.labels): a label there would be trained on as a class that does not exist."""
+    labels = np.asarray(imdb.labels, dtype=float).ravel()
+    over = labels > num_classes
+    if over.any():
+        k = int(np.argmax(over))
+        raise McnError(
+            f"{source}: Expected images.labels in 1..{num_classes} (the net predicts {num_classes} "
+            f"classes). Received {labels[k]!r} for image {k + 1} ({int(over.sum())} such labels)"
+        )

@@ -10,8 +10,9 @@ step, as cnn_train does) and the largest weight difference are recorded.
 
 from __future__ import annotations
 
-import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,8 +23,9 @@ from .data import Imdb
 from .mcn._util import McnError
 from .mcn.net import Net
 from .mcn.train import TrainOpts, _fresh_state, _train_batch, prepare_net
+from .textio import json_dumps
 
-__all__ = ["ParityStep", "ParityResult", "train_parity", "plot_parity"]
+__all__ = ["ParityStep", "ParityResult", "check_plot_path", "train_parity", "plot_parity"]
 
 
 @dataclass
@@ -47,15 +49,14 @@ class ParityResult:
     settings: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(
+        """Strict JSON; a non-finite number (a loss gone to NaN) is null."""
+        return json_dumps(
             {
                 "settings": self.settings,
                 "steps": [asdict(s) for s in self.steps],
                 "val_error_ref": self.val_error_ref,
                 "val_error_keras": self.val_error_keras,
-            },
-            indent=2,
-            sort_keys=True,
+            }
         )
 
 
@@ -99,7 +100,7 @@ def train_parity(
     dialect: str = "master",
     seed: int = 0,
     max_steps_per_epoch: int | None = None,
-    progress=sys.stderr,
+    progress=None,
 ) -> ParityResult:
     """Train both sides for ``epochs`` epochs of ``imdb``'s training set (set 1).
 
@@ -208,7 +209,7 @@ def train_parity(
                     max((r for _, r in diffs), default=0.0),
                 )
             )
-            _progress(step, total, t0, progress)
+            _progress(step, total, t0, sys.stderr if progress is None else progress)
         val = imdb.subset(2) - 1
         if val.size:
             xv = imdb.images[..., val].astype(np_dtype)
@@ -223,6 +224,27 @@ def train_parity(
                 _errors(sk.transpose(1, 2, 3, 0) if sk.ndim == 4 else sk, imdb.labels[:, val])
             )
     return result
+
+
+def check_plot_path(path: str) -> str:
+    """The image format of ``path`` (its suffix), if matplotlib can write it; else an
+    McnError naming the formats it can (checked before training, not after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    fmt = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if fmt not in supported:
+        raise McnError(
+            f"--plot {str(path)!r}: expected an image file name ending in one of "
+            f"{', '.join('.' + f for f in sorted(supported))}"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise McnError(f"--plot {str(path)!r}: no such directory ({directory})")
+    return fmt
 
 
 def plot_parity(result: ParityResult, path: str, title: str = "MatConvNet reference vs Keras") -> None:
@@ -250,5 +272,14 @@ def plot_parity(result: ParityResult, path: str, title: str = "MatConvNet refere
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fmt = check_plot_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=f".{fmt}", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     plt.close(fig)

@@ -25,10 +25,13 @@ from typing import Any
 import pytest
 
 from harness.inputs import InputError as _OptionError
-from harness.inputs import _parse_model_spec
+from harness.inputs import build_model as _build_model
 from harness.inputs import keras_model_factory as _model_factory
 from harness.inputs import load_mcn_spec as _load_net
+from harness.inputs import parse_model_spec as _parse_model_spec
 from harness.inputs import probe_batch as _probe_batch
+from harness.mcn import McnError
+from harness.textio import safe_text, write_atomic
 
 __all__ = [
     "harness_equivalence",
@@ -247,7 +250,7 @@ def mcn_net(request: pytest.FixtureRequest):
     try:
         return settings.net().copy()
     except _OptionError as err:
-        pytest.fail(str(err), pytrace=False)
+        pytest.fail(f"mcn-harness could not run: {safe_text(err)}", pytrace=False)
 
 
 @pytest.fixture
@@ -260,18 +263,9 @@ def keras_model(request: pytest.FixtureRequest):
             "or set keras_model in the ini)"
         )
     try:
-        model = settings.factory()()
+        return _build_model(settings.factory(), settings.model_option, settings.model_spec)
     except _OptionError as err:
-        pytest.fail(str(err), pytrace=False)
-    import keras
-
-    if not isinstance(model, keras.Model):
-        pytest.fail(
-            f"{settings.model_option} {settings.model_spec!r}: expected a keras.Model, "
-            f"got {type(model).__name__}",
-            pytrace=False,
-        )
-    return model
+        pytest.fail(f"mcn-harness could not run: {safe_text(err)}", pytrace=False)
 
 
 @pytest.fixture
@@ -294,6 +288,19 @@ def harness_equivalence(request: pytest.FixtureRequest):
 
     def check(net=None, model=None, x=None, labels=None, **kwargs: Any):
         __tracebackhide__ = True
+        try:
+            return _check(net, model, x, labels, **kwargs)
+        except AssertionError:
+            raise  # a completed comparison that diverged: the verdict
+        except SystemExit as err:  # never let the model's code end the run as a verdict
+            pytest.fail(
+                f"mcn-harness could not run: the model's code called sys.exit({err.code!r})", pytrace=False
+            )
+        except McnError as err:
+            pytest.fail(f"mcn-harness could not run: {safe_text(' '.join(str(err).split()))}", pytrace=False)
+
+    def _check(net=None, model=None, x=None, labels=None, **kwargs: Any):
+        __tracebackhide__ = True
         from harness import assert_equivalent, compare
 
         if net is None:
@@ -313,7 +320,7 @@ def harness_equivalence(request: pytest.FixtureRequest):
         report = compare(net, model, x, labels, **kwargs)
         path = _report_path(settings.report_dir, request.node.nodeid, settings.reports)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report.to_json() + "\n", encoding="utf-8")
+        write_atomic(path, report.to_json() + "\n")
         settings.reports.append(path)
         if not report.ok:  # assert_equivalent's failure, from the report already made
             raise AssertionError("\n" + str(report))

@@ -6,6 +6,7 @@ from typing import Any
 
 from .compare.probe import compare
 from .compare.report import Report
+from .textio import safe_text
 
 __all__ = ["EquivalenceError", "assert_equivalent"]
 
@@ -26,7 +27,12 @@ class EquivalenceError(AssertionError):
     def __init__(self, report: Report):
         fd = report.first_divergence
         if fd:
-            head = f"MatConvNet and Keras diverge first at layer '{fd['culprit']}' ({fd['tensor']})"
+            head = (
+                f"MatConvNet and Keras diverge first at layer '{safe_text(fd['culprit'])}' "
+                f"({safe_text(fd['tensor'])})"
+            )
+        elif report.problems:
+            head = f"MatConvNet and Keras cannot be called equivalent: {safe_text(report.problems[0])}"
         else:
             head = "MatConvNet and Keras layers could not be aligned"
         super().__init__(f"{head}\n{report}")

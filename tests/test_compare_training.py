@@ -366,7 +366,7 @@ def test_report_text_and_json_are_stable():
     b = train(net, sgd_opts(), keras.optimizers.SGD(piecewise(A), momentum=M))
     assert a.to_json() == b.to_json()
     d = json.loads(a.to_json())
-    assert d["schema"] == "mcn-harness/training-report/1" and d["ok"] is False
+    assert d["schema"] == "mcn-harness/training-report/2" and d["ok"] is False
     assert d["first_divergence"]["step"] == 1 and d["first_divergence"]["tensor"] == "w{2}"
     assert [s["epoch"] for s in d["steps"]] == EPOCHS
     row = next(r for r in d["rows"] if r["step"] == 1 and r["tensor"] == "w{2}" and r["layer"] == "conv1")

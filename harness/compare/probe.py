@@ -19,6 +19,7 @@ from ..mcn._util import McnError, as_4d, is_empty
 from ..mcn.net import Net
 from ..mcn.simplenn import vl_simplenn, vl_simplenn_tidy
 from .align import Alignment, align, keras_kind
+from .metrics import measure, nonfinite_summary
 from .report import Report, Row
 from .tolerance import tolerance_for
 
@@ -198,12 +199,10 @@ def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="", scale=0.0,
             pair_name, pair_type, keras, tensor, False, int(ref.size), int(ref.size),
             note=f"shape mismatch: MatConvNet {ref.shape} (H x W x C x N) vs Keras {got.shape}",
         )  # fmt: skip
-    if ref.size == 0:
+    m = measure(ref, got, tol, floor=scale)
+    if m.numel == 0:
         return Row(pair_name, pair_type, keras, tensor, True, 0, 0, tolerance=tol, note=note)
-    diff = np.abs(got - ref)
-    scale = max(float(np.max(np.abs(ref))), scale, 1e-300)
-    bad = diff > tol * scale
-    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    worst = m.worst
     if same_layout:
         keras_idx = [int(i) for i in worst]
     else:
@@ -213,17 +212,19 @@ def _row(pair_name, pair_type, keras, tensor, ref, got, tol, note="", scale=0.0,
         pair_type,
         keras,
         tensor,
-        not bool(bad.any()),
-        int(ref.size),
-        int(bad.sum()),
-        float(diff.max()),
-        float(diff.max()) / scale,
+        m.ok,
+        m.numel,
+        m.mismatches,
+        m.max_abs,
+        m.max_rel,
         tol,
         [int(i) for i in worst],
         keras_idx,
-        float(ref[worst]),
-        float(got[worst]),
-        note,
+        m.ref_value,
+        m.got_value,
+        "; ".join(n for n in (note, m.note()) if n),
+        nonfinite_ref=m.nonfinite_ref,
+        nonfinite_keras=m.nonfinite_got,
     )
 
 
@@ -255,6 +256,9 @@ def compare(
     net = vl_simplenn_tidy(net)
     net = _cast_net(net, np_dtype)
     x = as_4d(np.asarray(x, dtype=np_dtype), "x")
+    bad_x = nonfinite_summary(x, "x (the input batch)")
+    if bad_x:
+        raise McnError(f"{bad_x}: a comparison on non-finite input cannot tell anything apart")
     labels_arr = np.asarray(labels, dtype=np.float64)
     n = x.shape[3]
     model = with_dtype(model, dtype)
@@ -262,6 +266,7 @@ def compare(
     if weights not in ("net", "model"):
         raise McnError(f"Expected weights 'net' or 'model'. Received weights={weights!r}")
     params = _Weights(net, model, alignment, dtype, load=weights == "net")
+    problems = _nonfinite_parameters(net, model)
 
     # dropout masks drawn by the reference and shared with the Keras side ('normal' mode)
     rng = np.random.default_rng(seed)
@@ -460,9 +465,27 @@ def compare(
         alignment_problems=alignment.problems + params.problems,
         notes=params.notes,
         limitations=limitations,
+        problems=problems,
     )
     report.first_divergence = _first_divergence(report, net)
     return report
+
+
+def _nonfinite_parameters(net: Net, model) -> list[str]:
+    """Every parameter that holds NaN or Inf, on either side (after the weights were
+    loaded): such a net or model is never called equivalent, whether or not the batch
+    happens to reach the bad element."""
+    out = []
+    for layer in net.layers:
+        for j, w in enumerate(layer.weights):
+            text = nonfinite_summary(w, f"MatConvNet layer '{layer.name}' weights{{{j + 1}}}")
+            if text:
+                out.append(text)
+    for v in model.weights:
+        text = nonfinite_summary(np.asarray(v.numpy()), f"Keras variable '{getattr(v, 'path', v.name)}'")
+        if text:
+            out.append(text)
+    return out
 
 
 def with_dtype(model, dtype: str):
@@ -512,7 +535,8 @@ def _gain_scale(x: np.ndarray, dzdy: np.ndarray, epsilon) -> float:
     mu = x.mean(axis=(0, 1, 3))
     sigma = np.sqrt(x.var(axis=(0, 1, 3)) + float(np.asarray(epsilon, dtype=float).ravel()[0]))
     terms = (d * np.abs(x)).sum(axis=(0, 1, 3)) + np.abs(mu) * d.sum(axis=(0, 1, 3))
-    return float((terms / sigma).max())
+    with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0: epsilon 0 on a constant channel
+        return float((terms / sigma).max())
 
 
 def _identity(z):
@@ -558,6 +582,8 @@ def _mark_limited(rows: list[Row], net: Net, last_bnorm: int, text: str) -> None
     for r in rows:
         i = order.get(r.layer, -1)
         backward = r.tensor == "dzdx" or r.tensor.startswith("dzdw")
+        if r.nonfinite_ref or r.nonfinite_keras:
+            continue  # a known difference never excuses a NaN or an Inf
         if backward and i <= last_bnorm and not (i == last_bnorm and r.tensor == "dzdx"):
             r.limitation = text
 

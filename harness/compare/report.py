@@ -1,18 +1,26 @@
 """The comparison report: one row per (layer, tensor), the first divergence, text and JSON.
 
-JSON schema (``Report.to_json()``, stable; keys sorted):
+JSON schema (``Report.to_json()``, stable; keys sorted; strict JSON: a non-finite
+number (NaN, Inf: a tensor that went non-finite) is written as null):
 
-    {"schema": "mcn-harness/report/1", "ok": bool, "dtype": str, "mode": str,
+    {"schema": "mcn-harness/report/2", "ok": bool, "dtype": str, "mode": str,
      "dialect": str, "convention": str, "alignment_problems": [str],
-     "notes": [str], "limitations": [str],
+     "problems": [str], "notes": [str], "limitations": [str],
      "first_divergence": null | {"layer": str, "keras": str, "tensor": str, "culprit": str},
      "rows": [{"layer": str, "type": str, "keras": str, "tensor": str, "ok": bool,
                "numel": int, "mismatches": int, "max_abs": float, "max_rel": float,
                "tolerance": float, "worst_index_mcn": [int] | null,
                "worst_index_keras": [int] | null, "ref_value": float | null,
                "keras_value": float | null, "note": str,
-               "limitation": str}]}
+               "limitation": str, "nonfinite_ref": int, "nonfinite_keras": int}]}
 
+Changes from schema 1: ``problems`` (non-finite parameters or inputs on either side:
+the verdict is then DIVERGENT), the rows' ``nonfinite_ref``/``nonfinite_keras`` counts,
+and null for non-finite numbers (schema 1 wrote invalid ``NaN`` tokens).
+
+A NaN or Inf never compares equal (``harness.compare.metrics``): a row with a non-finite
+element on either side is a mismatch, and a non-finite reference is flagged in the
+row's note.
 A row whose ``limitation`` is set differs for a known, accepted reason (listed in
 ``limitations``) and does not count as a divergence. ``max_rel`` is normwise:
 ``max|keras - ref| / max|ref|``. Indices are 0-based, in MatConvNet's ``H x W x C x N``
@@ -21,12 +29,13 @@ layout and in Keras' ``N x H x W x C`` layout.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
+
+from ..textio import json_dumps, safe_text
 
 __all__ = ["Row", "Report"]
 
-SCHEMA = "mcn-harness/report/1"
+SCHEMA = "mcn-harness/report/2"
 
 
 @dataclass
@@ -47,6 +56,8 @@ class Row:
     keras_value: float | None = None
     note: str = ""
     limitation: str = ""  # a known, accepted difference explains this row (not a divergence)
+    nonfinite_ref: int = 0  # NaN/Inf elements in the MatConvNet tensor (never trusted)
+    nonfinite_keras: int = 0  # NaN/Inf elements in the Keras tensor
 
 
 @dataclass
@@ -60,10 +71,12 @@ class Report:
     notes: list[str] = field(default_factory=list)
     limitations: list[str] = field(default_factory=list)
     first_divergence: dict | None = None
+    # non-finite parameters or inputs on either side: never equivalent
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.first_divergence is None and not self.alignment_problems
+        return self.first_divergence is None and not self.alignment_problems and not self.problems
 
     def to_dict(self) -> dict:
         return {
@@ -74,6 +87,7 @@ class Report:
             "dialect": self.dialect,
             "convention": self.convention,
             "alignment_problems": list(self.alignment_problems),
+            "problems": list(self.problems),
             "notes": list(self.notes),
             "limitations": list(self.limitations),
             "first_divergence": self.first_divergence,
@@ -81,7 +95,7 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        return json_dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
         lines = [
@@ -97,6 +111,8 @@ class Report:
             )
         for p in self.alignment_problems:
             lines.append(f"alignment: {_safe(p)}")
+        for p in self.problems:
+            lines.append(f"problem: {_safe(p)}")
         header = (
             f"{'layer':<14} {'keras':<22} {'tensor':<8} {'status':<6} {'mismatch':>13} "
             f"{'max abs':>9} {'max rel':>9}  worst (mcn idx: ref / keras)"
@@ -106,12 +122,13 @@ class Report:
             status = "ok" if r.ok else ("known" if r.limitation else "DIFF")
             mism = f"{r.mismatches}/{r.numel}"
             worst = ""
-            if not r.ok and r.worst_index_mcn is not None:
+            if not r.ok and r.worst_index_mcn is not None and r.ref_value is not None:
                 worst = f"{tuple(r.worst_index_mcn)}: {r.ref_value:.6g} / {r.keras_value:.6g}"
             if r.note:
                 worst = f"{worst}  {r.note}".strip()
             lines.append(
-                f"{_safe(r.layer)[:14]:<14} {_safe(r.keras)[:22]:<22} {r.tensor:<8} {status:<6} {mism:>13} "
+                f"{_safe(r.layer)[:14]:<14} {_safe(r.keras)[:22]:<22} {_safe(r.tensor):<8} {status:<6} "
+                f"{mism:>13} "
                 f"{r.max_abs:>9.2e} {r.max_rel:>9.2e}  {_safe(worst)}"
             )
         for n in self.notes:
@@ -121,9 +138,9 @@ class Report:
         return "\n".join(lines)
 
 
-def _safe(text: str) -> str:
+def _safe(text) -> str:
     """Names come from .mat files and models: drop control characters (terminal escapes)."""
-    return "".join(ch if ch.isprintable() else "?" for ch in str(text))
+    return safe_text(text)
 
 
 def _chart_svg(report: Report) -> str:
@@ -172,7 +189,7 @@ def _chart_svg(report: Report) -> str:
         cx = left + 30 + 60 * i
         parts.append(
             f'<text x="{cx}" y="{height - bottom + 16}" font-size="11" text-anchor="end" '
-            f'transform="rotate(-35 {cx} {height - bottom + 16})">{html.escape(name[:16])}</text>'
+            f'transform="rotate(-35 {cx} {height - bottom + 16})">{html.escape(safe_text(name)[:16])}</text>'
         )
     parts.append(
         f'<text x="{left}" y="14" font-size="12"><tspan fill="#1f77b4">● forward</tspan> '
@@ -187,7 +204,9 @@ def to_html(report: Report, findings: list | None = None, title: str = "mcn-harn
     Every name is escaped (names come from .mat files and models: untrusted)."""
     import html
 
-    e = html.escape
+    def e(value) -> str:
+        return html.escape(safe_text(value))
+
     status = "EQUIVALENT" if report.ok else "DIVERGENT"
     head = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -210,6 +229,8 @@ def to_html(report: Report, findings: list | None = None, title: str = "mcn-harn
         )
     for p in report.alignment_problems:
         body.append(f"<p>Alignment: {e(p)}</p>")
+    for p in report.problems:
+        body.append(f"<p>Problem: {e(p)}</p>")
     if findings:
         body.append(
             "<h2>Findings</h2><table><tr><th>kind</th><th>layer</th><th>Keras</th><th>MatConvNet</th>"

@@ -49,7 +49,7 @@ before a bnorm, a bnorm beta made irrelevant by a later bnorm) does not count.
 
 JSON schema (``TrainingReport.to_json()``, stable; keys sorted; non-finite numbers null):
 
-    {"schema": "mcn-harness/training-report/1", "ok": bool, "dtype": str, "dialect": str,
+    {"schema": "mcn-harness/training-report/2", "ok": bool, "dtype": str, "dialect": str,
      "convention": str, "solver": str, "optimizer": str, "tolerance": float,
      "alignment_problems": [str], "notes": [str], "limitations": [str],
      "first_divergence": null | {"step": int, "epoch": int, "layer": str, "keras": str,
@@ -60,14 +60,14 @@ JSON schema (``TrainingReport.to_json()``, stable; keys sorted; non-finite numbe
                 "keras_objective": float}],
      "rows": [the layer report's row fields (layer, type, keras, tensor, ok, numel,
               mismatches, max_abs, max_rel, tolerance, worst_index_mcn, worst_index_keras,
-              ref_value, keras_value, note, limitation) + "step": int, "epoch": int,
+              ref_value, keras_value, note, limitation, nonfinite_ref, nonfinite_keras)
+              + "step": int, "epoch": int,
               "kind": "weight" | "state" | "objective", "update_rel": float | null]}
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -77,7 +77,9 @@ import numpy as np
 from ..mcn._util import McnError, as_4d, is_empty
 from ..mcn.net import Net
 from ..mcn.train import TrainOpts, cnn_train_step, prepare_net
+from ..textio import json_dumps
 from .align import align, keras_kind
+from .metrics import measure
 from .probe import CONVENTIONS, _keras_loss, _Weights, with_dtype
 from .report import Row, _safe
 
@@ -89,7 +91,7 @@ __all__ = [
     "keras_train_step",
 ]
 
-SCHEMA = "mcn-harness/training-report/1"
+SCHEMA = "mcn-harness/training-report/2"
 
 # Normwise relative error (max|keras - ref| / scale, the scale at least max|ref| and
 # max|keras|) above which a weight or state counts as divergent. float64, measured with the
@@ -197,7 +199,7 @@ class TrainingReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        return json_dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
         lines = [
@@ -308,26 +310,26 @@ def _compare(
             return {**out, "ok": False, "mismatches": int(got.size), "note": note}
     if ref.size == 0:
         return {**out, "ok": True, "mismatches": 0}
-    diff = np.abs(got - ref)
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    finite = np.isfinite(got)
-    scale = max(float(np.max(np.abs(ref))), float(np.max(np.abs(got[finite]), initial=0.0)), floor, 1e-300)
-    bad = diff > tol * scale
-    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    m = measure(ref, got, tol, floor=floor, symmetric=True)
+    worst = m.worst
     keras_idx = None
     if keras_shape is not None and int(np.prod(keras_shape)) == ref.size:
         flat = int(np.ravel_multi_index(worst, ref.shape)) if ref.ndim else 0
         keras_idx = [int(i) for i in np.unravel_index(flat, tuple(keras_shape))]
     out.update(
-        ok=not bool(bad.any()),
-        mismatches=int(bad.sum()),
-        max_abs=float(diff.max()),
-        max_rel=float(diff.max()) / scale,
+        ok=m.ok,
+        mismatches=m.mismatches,
+        max_abs=m.max_abs,
+        max_rel=m.max_rel,
         worst_index_mcn=[int(i) for i in worst],
         worst_index_keras=keras_idx,
-        ref_value=float(ref[worst]),
-        keras_value=float(got[worst]),
+        ref_value=m.ref_value,
+        keras_value=m.got_value,
+        nonfinite_ref=m.nonfinite_ref,
+        nonfinite_keras=m.nonfinite_got,
     )
+    if m.note():
+        out["note"] = m.note()
     if update:
         d_ref = ref - (0.0 if prev_ref is None else _filled(prev_ref, ref.shape))
         d_got = got - (0.0 if prev_got is None else _filled(prev_got, got.shape))
@@ -870,7 +872,7 @@ def compare_training(
                 it["key"] is not None,
             )
             row = _make_row(p.layer, p.type, p.key, it["tensor"], r, step, epoch, it["kind"], it["note"])
-            if p.role == "variance" and not row.ok:
+            if p.role == "variance" and not row.ok and not (row.nonfinite_ref or row.nonfinite_keras):
                 row.limitation = SIGMA_LIMITATION
             rows.append(row)
             if it["key"] is not None:
@@ -1048,7 +1050,9 @@ def _make_row(layer, type_, keras, tensor, r: dict, step, epoch, kind, note="") 
         worst_index_keras=r.get("worst_index_keras"),
         ref_value=r.get("ref_value"),
         keras_value=r.get("keras_value"),
-        note=note or r.get("note", ""),
+        note="; ".join(n for n in (note, r.get("note", "")) if n),
+        nonfinite_ref=r.get("nonfinite_ref", 0),
+        nonfinite_keras=r.get("nonfinite_keras", 0),
         step=step,
         epoch=epoch,
         kind=kind,

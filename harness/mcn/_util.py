@@ -13,7 +13,11 @@ import numpy as np
 
 __all__ = [
     "McnError",
+    "MAX_NESTING",
     "as_4d",
+    "check_budget",
+    "format_bytes",
+    "memory_budget",
     "float_dtype",
     "is_empty",
     "pad4",
@@ -23,6 +27,53 @@ __all__ = [
 
 class McnError(ValueError):
     """Bad input to the reference: the message names the argument (or layer and field)."""
+
+
+# Deepest nesting of structs and cells a .mat file may hold (a real net needs about 6:
+# net.layers{i}.weights{j}, net.meta.normalization.averageImage ...).
+MAX_NESTING = 32
+
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def memory_budget() -> int:
+    """Bytes any one load or run may allocate: ``MCN_HARNESS_MEMORY_BUDGET`` (a number of
+    bytes, or with a K/M/G/T suffix: ``8G``), else 4 GiB. Work above it is refused up front
+    with an McnError instead of exhausting the machine."""
+    import os
+
+    raw = os.environ.get("MCN_HARNESS_MEMORY_BUDGET", "").strip().upper().removesuffix("B")
+    if not raw:
+        return DEFAULT_MEMORY_BUDGET
+    unit = raw[-1] if raw[-1] in _UNITS and not raw[-1].isdigit() else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise McnError(
+            f"Expected MCN_HARNESS_MEMORY_BUDGET to be a size such as 8G or 1073741824. Received {raw!r}"
+        ) from None
+    if not np.isfinite(value) or value <= 0:
+        raise McnError(f"Expected MCN_HARNESS_MEMORY_BUDGET > 0. Received {raw!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def check_budget(nbytes: float, what: str) -> None:
+    """Refuse (McnError naming ``what``) work whose memory exceeds ``memory_budget()``."""
+    budget = memory_budget()
+    if not nbytes <= budget:  # also refuses NaN
+        raise McnError(
+            f"{what}: needs {format_bytes(nbytes)}, above the memory budget of {format_bytes(budget)} "
+            "(set MCN_HARNESS_MEMORY_BUDGET to raise it)"
+        )
 
 
 def is_empty(a: Any) -> bool:
@@ -55,7 +106,14 @@ def as_4d(x: Any, name: str = "x", dtype: np.dtype | None = None) -> np.ndarray:
 
 
 def _ints(value: Any, name: str) -> tuple[int, ...]:
-    arr = np.asarray(value, dtype=float).ravel()
+    if isinstance(value, str | dict) or np.iscomplexobj(value):
+        raise McnError(f"Expected {name} to be integers. Received {name}={value!r}")
+    try:
+        arr = np.asarray(value, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise McnError(
+            f"Expected {name} to be integers. Received {name} of type {type(value).__name__}"
+        ) from None
     if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
         raise McnError(f"Expected {name} to be integers. Received {name}={value!r}")
     return tuple(int(v) for v in arr)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import blas
 
-from harness.mcn._util import McnError, as_4d, float_dtype, is_empty, pad4, pair
+from harness.mcn._util import McnError, as_4d, check_budget, float_dtype, is_empty, pad4, pair
 from harness.mcn.pool import _PARALLEL_MIN, _cores, _map  # the shared worker threads
 
 __all__ = ["vl_nnconv", "vl_nnconvt"]
@@ -446,6 +446,11 @@ def vl_nnconv(
             f"dilate={dilate!r}"
         )
     ho, wo = (h + pt + pb - ext_h) // stride_[0] + 1, (w + pl + pr - ext_w) // stride_[1] + 1
+    padded = (h + pt + pb) * (w + pl + pr) * c * n
+    check_budget(
+        dt.itemsize * (padded + ho * wo * k * n) * (1 if dzdy is None else 2),
+        f"conv with pad={list(pad_)}, stride={list(stride_)}: the padded input and the output",
+    )
     g = _Geom(fh, fw, fc, k, pad_, stride_, dilate_, groups, ho, wo)
     bvec = _bias(b, k, dt, "one per filter")
 
@@ -471,6 +476,7 @@ def _subsample(
     pt, pb, pl, pr = pad
     sy, sx = stride
     ho, wo = (h + pt + pb - 1) // sy + 1, (w + pl + pr - 1) // sx + 1
+    check_budget(dt.itemsize * ho * wo * c * n, f"conv (no filters) with pad={list(pad)}: the output")
     bvec = _bias(b, c, dt, "one per input channel, as f is empty")
     # Output pixel (oy, ox) reads input row oy*sy - pt, column ox*sx - pl, when inside the image.
     oy0, ox0 = -(-pt // sy), -(-pl // sx)
@@ -541,6 +547,10 @@ def vl_nnconvt(
     if hy < 1 or wy < 1:
         raise McnError(f"Expected crop to leave a non-empty output. Received crop={crop!r}")
     ky = k * groups
+    check_budget(
+        dt.itemsize * (hy + ct + cb) * (wy + cl + cr) * ky * n * (1 if dzdy is None else 2),
+        f"convt with upsample={list(up)}, crop={list(crop_)}: the output",
+    )
     bvec = _bias(b, ky, dt, "K * num_groups, one per output channel")
     # The equivalent forward convolution maps the K*G-channel output back to x: stride
     # upsample, padding crop, implicit groups G, filters of depth K.

@@ -55,62 +55,83 @@ def matlab_field(name: str) -> str:
 class Layer:
     """One simplenn layer. ``type``, ``name`` and ``weights`` always exist; other
     MatConvNet fields (``pad``, ``stride``, ``pool``, ``method``, ``leak``, ...) are
-    attributes when present. ``fields()`` lists them in order."""
+    attributes when present. ``fields()`` lists them in order.
 
-    def __init__(self, type: str, name: str | None = None, weights: list | None = None, **fields: Any):
-        self.__dict__["_order"] = []
+    Fields live in their own mapping, apart from the methods: a layer read from a .mat
+    file may carry any legal MATLAB field name, including ``get``, ``copy``, ``has`` or
+    ``fields``. Such a field never replaces the method; read it with ``layer.get(name)``.
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, /, type: str, name: str | None = None, weights: list | None = None, **fields: Any):
+        object.__setattr__(self, "_fields", {})
         self.type = type
         self.name = name
-        self.weights = list(weights) if weights is not None else []
+        self.weights = (
+            list(weights) if isinstance(weights, list | tuple) else ([] if weights is None else weights)
+        )
         for key, value in fields.items():
             setattr(self, key, value)
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key not in self._order:
-            self._order.append(key)
-        self.__dict__[key] = value
+        self._fields[key] = value
 
     def __delattr__(self, key: str) -> None:
-        self._order.remove(key)
-        del self.__dict__[key]
+        try:
+            del self._fields[key]
+        except KeyError:
+            raise AttributeError(key) from None
 
     def __getattr__(self, key: str) -> Any:
-        # Only called for missing attributes: say which layer lacks which field.
-        if key.startswith("__"):
+        # Only called when normal lookup fails (methods win): the layer's own fields.
+        if key.startswith("__") or key == "_fields":
             raise AttributeError(key)
-        raise AttributeError(
-            f"layer '{self.__dict__.get('name')}' ({self.__dict__.get('type')}) has no field '{key}'"
-        )
+        fields = object.__getattribute__(self, "_fields")
+        if key in fields:
+            return fields[key]
+        raise AttributeError(f"layer '{fields.get('name')}' ({fields.get('type')}) has no field '{key}'")
 
     def has(self, key: str) -> bool:
-        return key in self._order
+        return key in self._fields
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.__dict__[key] if key in self._order else default
+        return self._fields.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        """Set field ``key`` (any name, including those of this class's methods)."""
+        self._fields[key] = value
 
     def fields(self) -> Iterator[tuple[str, Any]]:
-        for key in self._order:
-            yield key, self.__dict__[key]
+        yield from list(self._fields.items())
 
     def copy(self) -> Layer:
         return copy.deepcopy(self)
 
     def __deepcopy__(self, memo: dict) -> Layer:
         new = Layer.__new__(Layer)
-        new.__dict__["_order"] = []
+        object.__setattr__(new, "_fields", {})
         for key, value in self.fields():
-            setattr(new, key, copy.deepcopy(value, memo))
+            new._fields[key] = copy.deepcopy(value, memo)
         return new
 
+    def __getstate__(self) -> dict:
+        return dict(self._fields)
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "_fields", dict(state))
+
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Layer) or list(self._order) != list(other._order):
+        if not isinstance(other, Layer) or list(self._fields) != list(other._fields):
             return False
         return all(_equal(a, b) for (_, a), (_, b) in zip(self.fields(), other.fields(), strict=True))
+
+    __hash__ = None  # mutable, compared by value
 
     def __repr__(self) -> str:
         parts = []
         for key, value in self.fields():
-            if key == "weights":
+            if key == "weights" and isinstance(value, list):
                 value = [np.shape(w) for w in value]
             parts.append(f"{key}={value!r}")
         return f"Layer({', '.join(parts)})"

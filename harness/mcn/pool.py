@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.mcn._util import McnError, as_4d, float_dtype, pad4, pair
+from harness.mcn._util import McnError, as_4d, check_budget, float_dtype, pad4, pair
 
 __all__ = ["vl_nnpool"]
 
@@ -234,6 +234,12 @@ def _options(x: Any, pool: Any, method: str, pad: Any, stride: Any):
             f"Received pool={[ph, pw]} with x.shape={x.shape} and pad={[pt, pb, pl, pr]}"
         )
     out = ((h + pt + pb - ph) // sy + 1, (w + pl + pr - pw) // sx + 1)
+    # the output, and a window of ph * pw cells read for each of its elements
+    check_budget(dt.itemsize * out[0] * out[1] * x.shape[2] * x.shape[3], f"pool={[ph, pw]}: the output")
+    check_budget(
+        dt.itemsize * ph * pw * out[0] * out[1],
+        f"pool={[ph, pw]} with pad={[pt, pb, pl, pr]}: the window taps",
+    )
     return x, dt, (ph, pw), (sy, sx), (pt, pb, pl, pr), method.lower(), out
 
 

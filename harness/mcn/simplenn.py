@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._util import McnError, as_4d, float_dtype, is_empty
+from ._util import McnError, as_4d, check_budget, float_dtype, is_empty
 from .bnorm import vl_nnbnorm
 from .conv import vl_nnconv, vl_nnconvt
 from .loss import vl_nnloss, vl_nnsoftmaxloss
@@ -56,16 +56,26 @@ def vl_simplenn_tidy(net: Net) -> Net:
     """
     if not isinstance(net, Net):
         raise McnError(f"Expected net to be a harness.mcn.Net. Received net={type(net).__name__}")
-    tnet = Net(meta=dict(net.meta))
+    if not isinstance(net.layers, list):
+        raise McnError(f"Expected net.layers to be a list of layers. Received {describe(net.layers)}")
+    tnet = Net(meta=dict(net.meta) if isinstance(net.meta, dict) else {})
     for i, src in enumerate(net.layers):
+        if not isinstance(src, Layer):
+            raise McnError(f"layer {i + 1}: Expected a layer struct. Received {describe(src)}")
         layer = src.copy()
         where = f"layer {i + 1}"
         if not isinstance(layer.get("type"), str):
             raise McnError(
-                f"{where}: Expected field 'type' to be a string. Received type={layer.get('type')!r}"
+                f"{where}: Expected field 'type' to be a string. Received {describe(layer.get('type'))}"
             )
-        if layer.get("name") is None:
+        if layer.get("name") is None or (isinstance(layer.get("name"), np.ndarray) and layer.name.size == 0):
             layer.name = f"layer{i + 1}"
+        if not isinstance(layer.name, str):
+            raise McnError(
+                f"{where} ({layer.type}): Expected field 'name' to be a string. "
+                f"Received {describe(layer.name)}"
+            )
+        _weights_list(layer, f"{where} '{layer.name}' ({layer.type})")
         if layer.type in ("conv", "convt", "bnorm") and not layer.weights and layer.has("filters"):
             layer.weights = [layer.filters, layer.get("biases", np.zeros((0, 0)))]
             del layer.filters
@@ -83,8 +93,127 @@ def vl_simplenn_tidy(net: Net) -> Net:
         for key, value in _defaults(layer.type).items():
             if not layer.has(key):
                 setattr(layer, key, value)
+        _check_fields(layer, i)
         tnet.layers.append(layer)
     return tnet
+
+
+# Numeric option fields per layer type: each must be a real, finite numeric array.
+_NUMERIC_FIELDS = {
+    "conv": ("pad", "stride", "dilate"),
+    "convt": ("crop", "upsample", "num_groups"),
+    "pool": ("pool", "pad", "stride"),
+    "relu": ("leak",),
+    "dropout": ("rate",),
+    "normalize": ("param",),
+    "lrn": ("param",),
+    "bnorm": ("epsilon",),
+}
+# Integer fields and their least value (pads and crops may be 0, sizes and steps not).
+_INTEGER_FIELDS = {
+    "pad": 0,
+    "crop": 0,
+    "stride": 1,
+    "dilate": 1,
+    "pool": 1,
+    "upsample": 1,
+    "num_groups": 1,
+}
+
+
+def describe(value: Any) -> str:
+    """What a value is, in MATLAB's words, for error messages (never its whole content)."""
+    if isinstance(value, str):
+        shown = value if len(value) <= 20 else value[:20] + "..."
+        return f"char {shown!r}"
+    if isinstance(value, dict):
+        return f"a struct (fields {', '.join(map(str, list(value)[:5]))})"
+    if isinstance(value, list | tuple):
+        return f"a cell of {len(value)}"
+    if isinstance(value, bool | np.bool_):
+        return f"logical {bool(value)}"
+    if isinstance(value, int | float | np.number):
+        return f"{value!r}"
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return f"a cell array of shape {value.shape}"
+        if value.dtype.kind in "US":
+            return "a char array"
+        if value.dtype.kind == "c":
+            return f"a complex array of shape {value.shape}"
+        if value.dtype.names:
+            return "a struct array"
+        if value.size <= 4:
+            return f"{value.dtype} {value.ravel().tolist()}"
+        return f"a {value.dtype} array of shape {value.shape}"
+    if type(value).__module__.startswith("scipy.sparse"):
+        return f"a sparse matrix of shape {getattr(value, 'shape', '?')}"
+    if value is None:
+        return "nothing"
+    return f"a {type(value).__name__}"
+
+
+def _numeric(value: Any, nested: bool = True) -> bool:
+    """A real numeric (or logical) array or scalar, or (from Python callers) a flat list
+    or tuple of real numbers; nothing else."""
+    if isinstance(value, bool | int | float | np.number | np.bool_):
+        return not isinstance(value, complex | np.complexfloating)
+    if nested and isinstance(value, list | tuple):
+        return all(_numeric(v, nested=False) for v in value)
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+
+
+def _weights_list(layer: Layer, where: str) -> None:
+    weights = layer.get("weights", [])
+    if isinstance(weights, np.ndarray) and weights.dtype.kind in "biuf":
+        weights = [weights] if weights.size else []
+    if weights is None:
+        weights = []
+    if not isinstance(weights, list | tuple):
+        raise McnError(
+            f"{where}: Expected field 'weights' to be a cell of arrays. Received {describe(weights)}"
+        )
+    layer.weights = list(weights)
+
+
+def _check_fields(layer: Layer, i: int) -> None:
+    """Refuse, naming the layer and the field, what MatConvNet's functions would refuse:
+    weights that are not real numeric arrays (char, struct, cell, sparse, complex) and
+    option fields that are not finite numbers."""
+    where = f"layer {i + 1} '{layer.name}' ({layer.type})"
+    _weights_list(layer, where)
+    for j, w in enumerate(layer.weights):
+        if w is None or (isinstance(w, list) and not w):
+            continue
+        if not _numeric(w):
+            raise McnError(
+                f"{where}: Expected field 'weights'{{{j + 1}}} to be a real numeric array "
+                f"(MatConvNet refuses others). Received {describe(w)}"
+            )
+    for key in _NUMERIC_FIELDS.get(layer.type, ()):
+        if not layer.has(key):
+            continue
+        value = layer.get(key)
+        if not _numeric(value):
+            raise McnError(
+                f"{where}: Expected field '{matlab_field(key)}' to be numeric. Received {describe(value)}"
+            )
+        values = np.asarray(value, dtype=float).ravel()
+        if not np.all(np.isfinite(values)):
+            raise McnError(
+                f"{where}: Expected field '{matlab_field(key)}' to be finite. Received {describe(value)}"
+            )
+        least = _INTEGER_FIELDS.get(key)
+        if least is not None and (
+            values.size == 0 or np.any(values != np.round(values)) or np.any(values < least)
+        ):
+            raise McnError(
+                f"{where}: Expected field '{matlab_field(key)}' to be integers >= {least}. "
+                f"Received {describe(value)}"
+            )
+    method = layer.get("method", "max")
+    if layer.type == "pool" and not (isinstance(method, str) and method.lower() in ("max", "avg")):
+        raise McnError(f"{where}: Expected field 'method' to be 'max' or 'avg'. Received {describe(method)}")
 
 
 @dataclass
@@ -297,14 +426,21 @@ def vl_simplenn(
     n = len(layers)
     res = [Res() for _ in range(n + 1)]
     res[0].x = x
+    backward = not (dzdy is None or is_empty(dzdy))
+    held = x.nbytes
     for i, layer in enumerate(layers):
         try:
             res[i + 1].x, res[i + 1].aux = _forward(
                 layer, i, res[i].x, test_mode, dialect, rng, masks.get(i), lrn_exact
             )
+            held += np.asarray(res[i + 1].x).nbytes
+            # the backward pass holds a derivative of every activation as well
+            check_budget(held * (2 if backward else 1), "the activations of this batch")
         except McnError as err:
             raise _located(err, layer, i) from None
-    if dzdy is None or is_empty(dzdy):
+        except (TypeError, ValueError, OverflowError, IndexError) as err:  # a malformed field
+            raise _located(McnError(f"invalid field value ({type(err).__name__}: {err})"), layer, i) from None
+    if not backward:
         return res
     res[n].dzdx = np.asarray(dzdy, dtype=x.dtype) if np.ndim(dzdy) == 0 else as_4d(dzdy, "dzdy", x.dtype)
     for i in range(n - 1, -1, -1):
@@ -313,6 +449,8 @@ def vl_simplenn(
             res[i].dzdx, res[i].dzdw = _backward(layer, i, res, test_mode, dialect, lrn_exact)
         except McnError as err:
             raise _located(err, layer, i) from None
+        except (TypeError, ValueError, OverflowError, IndexError) as err:  # a malformed field
+            raise _located(McnError(f"invalid field value ({type(err).__name__}: {err})"), layer, i) from None
     return res
 
 

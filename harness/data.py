@@ -74,9 +74,9 @@ def load_imdb(path: str | os.PathLike) -> Imdb:
     """Read an imdb .mat (``images`` struct with ``data``, ``labels``, ``set``; or those
     fields at top level), checked: images.data real and finite, images.labels positive
     integers (1-based class indices), images.set in 1..3; one label and set per image."""
-    from .mcn.matfile import _read_variables
+    from .mcn.matfile import read_variables
 
-    v = _read_variables(path)
+    v = read_variables(path, wanted=("images", "meta", "data", "labels", "set"))
     images = v.get("images", v)
     if not isinstance(images, dict) or "data" not in images or "labels" not in images:
         raise McnError(

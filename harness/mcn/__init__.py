@@ -7,7 +7,7 @@ from ._util import McnError
 from .bnorm import vl_nnbnorm
 from .conv import vl_nnconv, vl_nnconvt
 from .loss import vl_nnloss, vl_nnsoftmaxloss
-from .matfile import Checkpoint, load_checkpoint, load_net, save_net
+from .matfile import Checkpoint, MatlabObject, load_checkpoint, load_net, read_variables, save_net
 from .net import Layer, Net
 from .normalize import vl_nnnormalize
 from .pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
@@ -19,6 +19,7 @@ from .zoo import seed_net
 __all__ = [
     "Checkpoint",
     "Layer",
+    "MatlabObject",
     "McnError",
     "Net",
     "Res",
@@ -26,6 +27,7 @@ __all__ = [
     "cnn_train",
     "cnn_train_step",
     "prepare_net",
+    "read_variables",
     "load_checkpoint",
     "load_net",
     "save_net",

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import harness  # noqa: E402
-from harness.compare.bugs import BUGS, reference  # noqa: E402
-from harness.strategies import net_inputs, simplenn_nets  # noqa: E402
+from harness.testing.bugs import BUGS, reference  # noqa: E402
+from harness.testing.strategies import net_inputs, simplenn_nets  # noqa: E402
 
 
 def draw_cases(n: int) -> list:

@@ -4,11 +4,10 @@ The public API lives here; ``harness.mcn`` is the MatConvNet reference. TensorFl
 Keras load on first use, so the reference works without them.
 """
 
-from . import compare as _compare_package  # noqa: F401  (bind the package before the function)
-from .compare.probe import compare
-from .compare.training import compare_training
-from .mcn import McnError, Net, load_checkpoint, load_net, save_net, seed_net
-from .testing import assert_equivalent
+from harness.equivalence.run import compare
+from harness.mcn import McnError, Net, load_checkpoint, load_net, save_net, seed_net
+from harness.testing.asserts import assert_equivalent
+from harness.training.replay import compare_training
 
 __all__ = [
     "McnError",
@@ -28,11 +27,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "to_keras":
-        from .translate import to_keras
+        from harness.translate import to_keras
 
         return to_keras
     if name == "matconvnet_optimizer":
-        from .translate.optim import matconvnet_optimizer
+        from harness.translate.optim import matconvnet_optimizer
 
         return matconvnet_optimizer
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .inputs import (
+from harness.io.specs import (
     InputError,
     build_model,
     input_size,
@@ -37,9 +37,9 @@ from .inputs import (
     num_classes,
     probe_batch,
 )
-from .mcn import McnError, vl_simplenn
-from .mcn.net import Net
-from .textio import json_dumps, safe_text, write_atomic
+from harness.io.text import json_dumps, safe_text, write_atomic
+from harness.mcn import McnError, vl_simplenn
+from harness.mcn.net import Net
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -109,7 +109,7 @@ def _load(args) -> tuple[Net, object]:
 
 def _alignment_fatal(net: Net, model) -> str | None:
     """A model whose parameter layers cannot be paired with the net's cannot be compared."""
-    from .compare.align import align
+    from harness.equivalence.align import align
 
     alignment = align(net, model)
     for pair in alignment.pairs:
@@ -122,9 +122,9 @@ def _alignment_fatal(net: Net, model) -> str | None:
 
 
 def _check_one(net: Net, model, args, out) -> int:
-    from .compare import compare
-    from .compare.diagnose import diagnose
-    from .compare.report import to_html
+    from harness.diagnosis.findings import diagnose
+    from harness.equivalence import compare
+    from harness.equivalence.report import to_html
 
     fatal = _alignment_fatal(net, model)
     if fatal:
@@ -138,7 +138,7 @@ def _check_one(net: Net, model, args, out) -> int:
         raise InputError(report.alignment_problems[0])
     causes = []
     if not report.ok and report.first_divergence:
-        from .compare.diagnose import probe_causes
+        from harness.diagnosis.findings import probe_causes
 
         causes = probe_causes(
             net, model, report, x, labels, mode=args.mode, dialect=args.dialect, weights=args.weights
@@ -171,7 +171,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_diagnose(args) -> int:
-    from .compare.diagnose import diagnose
+    from harness.diagnosis.findings import diagnose
 
     net, model = _load(args)
     findings = diagnose(net, model)
@@ -239,8 +239,8 @@ def _cmd_reference(args) -> int:
 
 
 def _cmd_train_parity(args) -> int:
-    from .data import check_imdb_labels, digits_imdb, load_imdb
-    from .parity import check_plot_path, plot_parity, train_parity
+    from harness.io.imdb import check_imdb_labels, digits_imdb, load_imdb
+    from harness.training.parity import check_plot_path, plot_parity, train_parity
 
     if args.plot:
         check_plot_path(args.plot)  # before hours of training, not after
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="compare every layer's activations and gradients")
     common(check, True)
-    check.add_argument("--json", help="write the report as JSON (schema in harness/compare/report.py)")
+    check.add_argument("--json", help="write the report as JSON (schema in harness/equivalence/report.py)")
     check.add_argument("--html", help="write a self-contained HTML report")
     check.add_argument(
         "--weights",

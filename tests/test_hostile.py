@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 
 import harness
 from harness.cli import main
-from harness.inputs import probe_batch
+from harness.io.specs import probe_batch
 from harness.mcn import McnError, load_net, save_net, vl_simplenn, vl_simplenn_tidy
 
 from .hostile_inputs import (

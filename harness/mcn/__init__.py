@@ -3,18 +3,18 @@
 Arrays are H x W x C x N; names and options are MatConvNet's (snake_case keywords).
 """
 
-from ._util import McnError
-from .bnorm import vl_nnbnorm
-from .conv import vl_nnconv, vl_nnconvt
-from .loss import vl_nnloss, vl_nnsoftmaxloss
-from .matfile import Checkpoint, MatlabObject, load_checkpoint, load_net, read_variables, save_net
-from .net import Layer, Net
-from .normalize import vl_nnnormalize
-from .pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
-from .pool import vl_nnpool
-from .simplenn import Res, vl_simplenn, vl_simplenn_tidy
-from .train import TrainOpts, cnn_train, cnn_train_step, prepare_net
-from .zoo import seed_net
+from harness.mcn.bnorm import vl_nnbnorm
+from harness.mcn.conv import vl_nnconv, vl_nnconvt
+from harness.mcn.loss import vl_nnloss, vl_nnsoftmaxloss
+from harness.mcn.matfile import Checkpoint, MatlabObject, load_checkpoint, load_net, read_variables, save_net
+from harness.mcn.net import Layer, Net
+from harness.mcn.normalize import vl_nnnormalize
+from harness.mcn.options import McnError
+from harness.mcn.pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
+from harness.mcn.pool import vl_nnpool
+from harness.mcn.simplenn import Res, vl_simplenn, vl_simplenn_tidy
+from harness.mcn.train import TrainOpts, cnn_train, cnn_train_step, prepare_net
+from harness.mcn.zoo import seed_net
 
 __all__ = [
     "Checkpoint",

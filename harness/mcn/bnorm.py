@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.mcn._util import McnError, as_4d, float_dtype, is_empty
+from harness.mcn.options import McnError, as_4d, float_dtype, is_empty
 
 __all__ = ["vl_nnbnorm"]
 

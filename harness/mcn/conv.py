@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import blas
 
-from harness.mcn._util import McnError, as_4d, check_budget, float_dtype, is_empty, pad4, pair
+from harness.mcn.options import McnError, as_4d, check_budget, float_dtype, is_empty, pad4, pair
 from harness.mcn.pool import _PARALLEL_MIN, _cores, _map  # the shared worker threads
 
 __all__ = ["vl_nnconv", "vl_nnconvt"]

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from . import matscan
-from ._util import MAX_NESTING, McnError, check_budget, memory_budget
-from .net import Layer, Net, matlab_field, python_field
+from harness.mcn import matscan
+from harness.mcn.net import Layer, Net, matlab_field, python_field
+from harness.mcn.options import MAX_NESTING, McnError, check_budget, memory_budget
 
 __all__ = [
     "Checkpoint",

@@ -33,7 +33,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._util import MAX_NESTING, McnError, check_budget, memory_budget
+from harness.mcn.options import MAX_NESTING, McnError, check_budget, memory_budget
 
 __all__ = ["OBJECT_OVERHEAD", "SegmentReader", "V5Scan", "V5Variable", "scan_v5"]
 

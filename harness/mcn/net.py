@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._util import McnError
+from harness.mcn.options import McnError
 
 __all__ = ["Layer", "Net", "matlab_field", "python_field"]
 

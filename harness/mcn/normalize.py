@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.mcn._util import McnError, as_4d, float_dtype
+from harness.mcn.options import McnError, as_4d, float_dtype
 
 __all__ = ["fast_pow", "vl_nnnormalize"]
 

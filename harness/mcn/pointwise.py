@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.mcn._util import McnError, as_4d, float_dtype
+from harness.mcn.options import McnError, as_4d, float_dtype
 
 __all__ = ["vl_nndropout", "vl_nnrelu", "vl_nnsigmoid", "vl_nnsoftmax"]
 

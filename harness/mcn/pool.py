@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.mcn._util import McnError, as_4d, check_budget, float_dtype, pad4, pair
+from harness.mcn.options import McnError, as_4d, check_budget, float_dtype, pad4, pair
 
 __all__ = ["vl_nnpool"]
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from ._util import McnError, as_4d, check_budget, float_dtype, is_empty
-from .bnorm import vl_nnbnorm
-from .conv import vl_nnconv, vl_nnconvt
-from .loss import vl_nnloss, vl_nnsoftmaxloss
-from .net import LAYER_TYPES, Layer, Net, matlab_field
-from .normalize import vl_nnnormalize
-from .pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
-from .pool import vl_nnpool
+from harness.mcn.bnorm import vl_nnbnorm
+from harness.mcn.conv import vl_nnconv, vl_nnconvt
+from harness.mcn.loss import vl_nnloss, vl_nnsoftmaxloss
+from harness.mcn.net import LAYER_TYPES, Layer, Net, matlab_field
+from harness.mcn.normalize import vl_nnnormalize
+from harness.mcn.options import McnError, as_4d, check_budget, float_dtype, is_empty
+from harness.mcn.pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
+from harness.mcn.pool import vl_nnpool
 
 __all__ = ["Res", "vl_simplenn", "vl_simplenn_tidy", "DIALECTS", "MODES"]
 

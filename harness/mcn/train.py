@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ._util import McnError, as_4d, float_dtype, is_empty
-from .net import Net
-from .simplenn import DIALECTS, vl_simplenn, vl_simplenn_tidy
+from harness.mcn.net import Net
+from harness.mcn.options import McnError, as_4d, float_dtype, is_empty
+from harness.mcn.simplenn import DIALECTS, vl_simplenn, vl_simplenn_tidy
 
 __all__ = [
     "ERROR_FUNCTIONS",

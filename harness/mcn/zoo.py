@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .net import Layer, Net
-from .simplenn import vl_simplenn_tidy
+from harness.mcn.net import Layer, Net
+from harness.mcn.simplenn import vl_simplenn_tidy
 
 __all__ = ["seed_net", "SEED_LEARNING_RATES"]
 

@@ -1,7 +1,7 @@
 """MatConvNet -> Keras: the only place that knows both layouts."""
 
-from .build import TranslationError, keras_loss, keras_name, to_keras
-from .weights import load_weights, net_from_keras, to_hwcn, to_nhwc
+from harness.translate.build import TranslationError, keras_loss, keras_name, to_keras
+from harness.translate.weights import load_weights, net_from_keras, to_hwcn, to_nhwc
 
 _OPTIM = (
     "MatConvNetSGD",
@@ -30,7 +30,7 @@ __all__ = [
 def __getattr__(name: str):
     # optim imports keras at module level: load it on first use only
     if name in _OPTIM:
-        from . import optim
+        from harness.translate import optim
 
         return getattr(optim, name)
     raise AttributeError(f"module 'harness.translate' has no attribute {name!r}")

@@ -14,9 +14,9 @@ import re
 
 import numpy as np
 
-from ..mcn._util import McnError, is_empty, pad4, pair
-from ..mcn.net import Net
-from ..mcn.simplenn import vl_simplenn_tidy
+from harness.mcn.net import Net
+from harness.mcn.options import McnError, is_empty, pad4, pair
+from harness.mcn.simplenn import vl_simplenn_tidy
 
 __all__ = ["to_keras", "keras_loss", "keras_name", "TranslationError"]
 
@@ -55,8 +55,8 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
     """
     import keras
 
-    from . import layers as L
-    from .weights import load_weights
+    from harness.translate import layers as L
+    from harness.translate.weights import load_weights
 
     if dtype not in ("float64", "float32"):
         raise TranslationError(f"Expected dtype 'float64' or 'float32'. Received dtype={dtype!r}")
@@ -190,7 +190,7 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
 def keras_loss(net: Net | None = None, dialect: str = "master", dtype: str = "float64"):
     """The Keras loss equivalent to the net's final softmaxloss/loss layer (computing in
     ``dtype``)."""
-    from .layers import MatConvNetSoftmaxLoss
+    from harness.translate.layers import MatConvNetSoftmaxLoss
 
     if net is not None and (not net.layers or net.layers[-1].type not in ("softmaxloss", "loss")):
         raise TranslationError("Expected the net to end with a softmaxloss or loss layer.")

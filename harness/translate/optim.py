@@ -66,10 +66,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from ..mcn._util import McnError, is_empty
-from ..mcn.net import Net
-from ..mcn.train import SOLVER_DEFAULTS, TrainOpts, _check_multipliers, _real, _schedule, prepare_net
-from .build import keras_name
+from harness.mcn.net import Net
+from harness.mcn.options import McnError, is_empty
+from harness.mcn.train import SOLVER_DEFAULTS, TrainOpts, _check_multipliers, _real, _schedule, prepare_net
+from harness.translate.build import keras_name
 
 __all__ = [
     "MatConvNetAdadelta",

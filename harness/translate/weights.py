@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..mcn._util import McnError, is_empty
-from ..mcn.net import Net
+from harness.mcn.net import Net
+from harness.mcn.options import McnError, is_empty
 
 __all__ = [
     "to_nhwc",
@@ -58,7 +58,7 @@ def dense_kernel_to_filters(kernel: np.ndarray, shape: tuple[int, ...]) -> np.nd
 
 
 def keras_layer_for(model, name: str):
-    from .build import keras_name
+    from harness.translate.build import keras_name
 
     try:
         return model.get_layer(keras_name(name))

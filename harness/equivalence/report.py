@@ -1,0 +1,267 @@
+"""The comparison report: one row per (layer, tensor), the first divergence, text and JSON.
+
+JSON schema (``Report.to_json()``, stable; keys sorted; strict JSON: a non-finite
+number (NaN, Inf: a tensor that went non-finite) is written as null):
+
+    {"schema": "mcn-harness/report/2", "ok": bool, "dtype": str, "mode": str,
+     "dialect": str, "convention": str, "alignment_problems": [str],
+     "problems": [str], "notes": [str], "limitations": [str],
+     "first_divergence": null | {"layer": str, "keras": str, "tensor": str, "culprit": str},
+     "rows": [{"layer": str, "type": str, "keras": str, "tensor": str, "ok": bool,
+               "numel": int, "mismatches": int, "max_abs": float, "max_rel": float,
+               "tolerance": float, "worst_index_mcn": [int] | null,
+               "worst_index_keras": [int] | null, "ref_value": float | null,
+               "keras_value": float | null, "note": str,
+               "limitation": str, "nonfinite_ref": int, "nonfinite_keras": int}]}
+
+Changes from schema 1: ``problems`` (non-finite parameters or inputs on either side:
+the verdict is then DIVERGENT), the rows' ``nonfinite_ref``/``nonfinite_keras`` counts,
+and null for non-finite numbers (schema 1 wrote invalid ``NaN`` tokens).
+
+A NaN or Inf never compares equal (``harness.equivalence.metrics``): a row with a non-finite
+element on either side is a mismatch, and a non-finite reference is flagged in the
+row's note.
+A row whose ``limitation`` is set differs for a known, accepted reason (listed in
+``limitations``) and does not count as a divergence. ``max_rel`` is normwise:
+``max|keras - ref| / max|ref|``. Indices are 0-based, in MatConvNet's ``H x W x C x N``
+layout and in Keras' ``N x H x W x C`` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from harness.io.text import json_dumps, safe_text
+
+__all__ = ["Row", "Report"]
+
+SCHEMA = "mcn-harness/report/2"
+
+
+@dataclass
+class Row:
+    layer: str
+    type: str
+    keras: str
+    tensor: str  # "x" (layer output), "dzdx" (derivative of the loss w.r.t. it), "dzdw{j}", "loss"
+    ok: bool
+    numel: int = 0
+    mismatches: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    tolerance: float = 0.0
+    worst_index_mcn: list[int] | None = None
+    worst_index_keras: list[int] | None = None
+    ref_value: float | None = None
+    keras_value: float | None = None
+    note: str = ""
+    limitation: str = ""  # a known, accepted difference explains this row (not a divergence)
+    nonfinite_ref: int = 0  # NaN/Inf elements in the MatConvNet tensor (never trusted)
+    nonfinite_keras: int = 0  # NaN/Inf elements in the Keras tensor
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    dtype: str
+    mode: str
+    dialect: str
+    convention: str
+    alignment_problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    limitations: list[str] = field(default_factory=list)
+    first_divergence: dict | None = None
+    # non-finite parameters or inputs on either side: never equivalent
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_divergence is None and not self.alignment_problems and not self.problems
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "ok": self.ok,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "dialect": self.dialect,
+            "convention": self.convention,
+            "alignment_problems": list(self.alignment_problems),
+            "problems": list(self.problems),
+            "notes": list(self.notes),
+            "limitations": list(self.limitations),
+            "first_divergence": self.first_divergence,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json_dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        lines = [
+            f"mcn-harness report: {'EQUIVALENT' if self.ok else 'DIVERGENT'} "
+            f"({self.dtype}, mode {self.mode}, dialect {self.dialect})",
+            f"loss convention: {self.convention}",
+        ]
+        if self.first_divergence:
+            fd = self.first_divergence
+            lines.append(
+                f"first divergence: layer '{_safe(fd['culprit'])}' ({_safe(fd['tensor'])} of "
+                f"'{_safe(fd['layer'])}' vs Keras '{_safe(fd['keras'])}')"
+            )
+        for p in self.alignment_problems:
+            lines.append(f"alignment: {_safe(p)}")
+        for p in self.problems:
+            lines.append(f"problem: {_safe(p)}")
+        header = (
+            f"{'layer':<14} {'keras':<22} {'tensor':<8} {'status':<6} {'mismatch':>13} "
+            f"{'max abs':>9} {'max rel':>9}  worst (mcn idx: ref / keras)"
+        )
+        lines += [header, "-" * len(header)]
+        for r in self.rows:
+            status = "ok" if r.ok else ("known" if r.limitation else "DIFF")
+            mism = f"{r.mismatches}/{r.numel}"
+            worst = ""
+            if not r.ok and r.worst_index_mcn is not None and r.ref_value is not None:
+                worst = f"{tuple(r.worst_index_mcn)}: {r.ref_value:.6g} / {r.keras_value:.6g}"
+            if r.note:
+                worst = f"{worst}  {r.note}".strip()
+            lines.append(
+                f"{_safe(r.layer)[:14]:<14} {_safe(r.keras)[:22]:<22} {_safe(r.tensor):<8} {status:<6} "
+                f"{mism:>13} "
+                f"{r.max_abs:>9.2e} {r.max_rel:>9.2e}  {_safe(worst)}"
+            )
+        for n in self.notes:
+            lines.append(f"note: {_safe(n)}")
+        for n in self.limitations:
+            lines.append(f"limitation: {_safe(n)}")
+        return "\n".join(lines)
+
+
+def _safe(text) -> str:
+    """Names come from .mat files and models: drop control characters (terminal escapes)."""
+    return safe_text(text)
+
+
+def _chart_svg(report: Report) -> str:
+    """An inline SVG chart: log10 of the greatest relative error per layer, forward
+    (activations) and backward (derivatives w.r.t. them); no external resources."""
+    import html
+    import math
+
+    layers: list[str] = []
+    fwd: dict[str, float] = {}
+    bwd: dict[str, float] = {}
+    for r in report.rows:
+        if r.layer not in layers:
+            layers.append(r.layer)
+        target = fwd if r.tensor in ("x", "loss") or r.tensor.startswith("w{") else bwd
+        target[r.layer] = max(target.get(r.layer, 0.0), r.max_rel)
+    width, height, left, bottom = max(360, 60 * len(layers) + 80), 260, 60, 60
+    lo, hi = -17.0, 1.0
+
+    def y(v: float) -> float:
+        lv = min(max(math.log10(v) if v > 0 else lo, lo), hi)
+        return 20 + (hi - lv) / (hi - lo) * (height - bottom - 20)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+        f'aria-label="relative error per layer">'
+    ]
+    for tick in range(-16, 1, 4):
+        ty = y(10.0**tick)
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="4" y="{ty + 4:.1f}" font-size="11">1e{tick}</text>')
+    tol = report.rows[0].tolerance if report.rows else 0.0
+    if tol > 0:
+        ty = y(tol)
+        parts.append(
+            f'<line x1="{left}" x2="{width - 10}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#c00" '
+            'stroke-dasharray="4 3"/>'
+        )
+    for series, colour, dx in ((fwd, "#1f77b4", -7), (bwd, "#ff7f0e", 7)):
+        for i, name in enumerate(layers):
+            if name not in series:
+                continue
+            cx = left + 30 + 60 * i + dx
+            parts.append(f'<circle cx="{cx}" cy="{y(series[name]):.1f}" r="4" fill="{colour}"/>')
+    for i, name in enumerate(layers):
+        cx = left + 30 + 60 * i
+        parts.append(
+            f'<text x="{cx}" y="{height - bottom + 16}" font-size="11" text-anchor="end" '
+            f'transform="rotate(-35 {cx} {height - bottom + 16})">{html.escape(safe_text(name)[:16])}</text>'
+        )
+    parts.append(
+        f'<text x="{left}" y="14" font-size="12"><tspan fill="#1f77b4">● forward</tspan> '
+        '<tspan fill="#ff7f0e">● backward</tspan> <tspan fill="#c00">- - tolerance</tspan></text>'
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def to_html(report: Report, findings: list | None = None, title: str = "mcn-harness report") -> str:
+    """One self-contained HTML page: summary, findings, the per-layer table and the chart.
+    Every name is escaped (names come from .mat files and models: untrusted)."""
+    import html
+
+    def e(value) -> str:
+        return html.escape(safe_text(value))
+
+    status = "EQUIVALENT" if report.ok else "DIVERGENT"
+    head = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{e(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
+        ".DIFF{background:#fdd}.known{background:#ffd}.ok{background:#efe}"
+        "</style></head><body>"
+    )
+    body = [
+        f"<h1>{e(title)}: {status}</h1>",
+        f"<p>{e(report.dtype)}, mode {e(report.mode)}, "
+        f"dialect {e(report.dialect)}. Loss convention: {e(report.convention)}</p>",
+    ]
+    if report.first_divergence:
+        fd = report.first_divergence
+        body.append(
+            f"<p><b>First divergence:</b> layer {e(fd['culprit'])} ({e(fd['tensor'])} of {e(fd['layer'])} "
+            f"vs Keras {e(fd['keras'])})</p>"
+        )
+    for p in report.alignment_problems:
+        body.append(f"<p>Alignment: {e(p)}</p>")
+    for p in report.problems:
+        body.append(f"<p>Problem: {e(p)}</p>")
+    if findings:
+        body.append(
+            "<h2>Findings</h2><table><tr><th>kind</th><th>layer</th><th>Keras</th><th>MatConvNet</th>"
+            "<th>Keras value</th><th>fix</th></tr>"
+        )
+        for f in findings:
+            body.append(
+                f"<tr><td>{e(f.kind)}</td><td>{e(f.layer)}</td><td>{e(f.keras)}</td><td>{e(f.mcn_value)}</td>"
+                f"<td>{e(f.keras_value)}</td><td>{e(f.fix)}</td></tr>"
+            )
+        body.append("</table>")
+    body.append("<h2>Error per layer</h2>")
+    body.append(_chart_svg(report))
+    body.append(
+        "<h2>Tensors</h2><table><tr><th>layer</th><th>Keras</th><th>tensor</th><th>status</th>"
+        "<th>mismatches</th><th>max abs</th><th>max rel</th><th>worst index (MatConvNet)</th>"
+        "<th>ref</th><th>Keras</th><th>note</th></tr>"
+    )
+    for r in report.rows:
+        status_r = "ok" if r.ok else ("known" if r.limitation else "DIFF")
+        worst = "" if r.worst_index_mcn is None else e(str(tuple(r.worst_index_mcn)))
+        ref = "" if r.ref_value is None else f"{r.ref_value:.6g}"
+        kv = "" if r.keras_value is None else f"{r.keras_value:.6g}"
+        body.append(
+            f"<tr class='{status_r}'><td>{e(r.layer)}</td><td>{e(r.keras)}</td><td>{e(r.tensor)}</td>"
+            f"<td>{status_r}</td><td>{r.mismatches}/{r.numel}</td><td>{r.max_abs:.2e}</td><td>{r.max_rel:.2e}</td>"
+            f"<td>{worst}</td><td>{ref}</td><td>{kv}</td><td>{e(r.note or r.limitation)}</td></tr>"
+        )
+    body.append("</table>")
+    for n in report.notes:
+        body.append(f"<p>Note: {e(n)}</p>")
+    for n in report.limitations:
+        body.append(f"<p>Limitation: {e(n)}</p>")
+    return head + "".join(body) + "</body></html>\n"

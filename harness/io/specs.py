@@ -1,0 +1,211 @@
+"""Loading what a user names: a MatConvNet net, a Keras model, a probe batch.
+
+Shared by the command line and the pytest plugin. Errors are ``InputError`` (a
+``McnError``) with one line naming the option and the value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from harness.mcn.options import McnError
+
+__all__ = [
+    "InputError",
+    "SEED_MODELS",
+    "build_model",
+    "input_size",
+    "keras_model_factory",
+    "load_mcn_spec",
+    "num_classes",
+    "parse_model_spec",
+    "probe_batch",
+]
+
+_MODEL_FILE_SUFFIXES = (".keras", ".h5")
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_SEED_DIR = Path(__file__).resolve().parents[2] / "fixtures" / "seed"
+# bundled Keras models of the seed network
+SEED_MODELS = {"seed-question": "question_model.py", "seed-fixed": "fixed_model.py"}
+
+
+class InputError(McnError):
+    """A bad net, model or option value: one line naming what was given."""
+
+
+def parse_model_spec(spec: str, option: str, base: Path) -> tuple[str, str] | Path:
+    """(module, attribute path) for ``module:callable``; a Path for a saved model."""
+    if spec.lower().endswith(_MODEL_FILE_SUFFIXES):
+        path = base / spec
+        if not path.is_file():
+            raise InputError(f"{option} {spec!r}: no such file ({path})")
+        return path
+    module, sep, attr = spec.partition(":")
+    if not sep or not _DOTTED.match(module) or not _DOTTED.match(attr):
+        raise InputError(
+            f"{option} {spec!r}: expected module:callable (e.g. mypkg.model:build_model) "
+            f"or a path to a {' / '.join(_MODEL_FILE_SUFFIXES)} file"
+        )
+    return module, attr
+
+
+def keras_model_factory(spec: str | None, option: str, base: Path):
+    if spec in SEED_MODELS:
+        return _seed_model(spec, option)
+    where = parse_model_spec(spec, option, base)
+    if isinstance(where, Path):
+
+        def load():
+            import keras
+
+            from harness.translate import layers  # noqa: F401  (registers the harness' custom layers)
+
+            return keras.models.load_model(where, compile=False, safe_mode=True)
+
+        return load
+    module_name, attr = where
+    # module:callable is the one form that imports from where the user stands, and only
+    # after the installed packages: a keras.py there must not replace Keras
+    if str(base) not in sys.path:
+        sys.path.append(str(base))
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InputError(f"{option} {spec!r}: cannot import module {module_name!r} ({err})") from None
+    except SystemExit as err:  # sys.exit() in the user's module must not end the run as a verdict
+        raise InputError(
+            f"{option} {spec!r}: importing module {module_name!r} called sys.exit({err.code!r})"
+        ) from None
+    except Exception as err:  # the user's module itself failed: still one line, not a traceback
+        raise InputError(
+            f"{option} {spec!r}: importing module {module_name!r} failed: {type(err).__name__}: {err}"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"{option} {spec!r}: {attr!r} is not callable ({type(obj).__name__})")
+    return obj
+
+
+def load_mcn_spec(spec: str | None, option: str, base: Path):
+    from harness.mcn import McnError, load_net, seed_net, vl_simplenn_tidy
+
+    if spec == "seed":
+        return seed_net(seed=0)
+    try:
+        return vl_simplenn_tidy(load_net(base / spec))
+    except (McnError, OSError, ValueError) as err:
+        raise InputError(f"{option} {spec!r}: {err}") from None
+
+
+def build_model(factory, option: str, spec: str):
+    """Call the user's model factory: every failure, ``sys.exit()`` included, is one
+    InputError naming the option; the result must be a keras.Model."""
+    try:
+        model = factory()
+    except InputError:
+        raise
+    except SystemExit as err:
+        raise InputError(f"{option} {spec!r}: building the model called sys.exit({err.code!r})") from None
+    except Exception as err:
+        raise InputError(
+            f"{option} {spec!r}: building the model failed: {type(err).__name__}: {err}"
+        ) from None
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise InputError(f"{option} {spec!r}: expected a keras.Model, got {type(model).__name__}")
+    return model
+
+
+def input_size(net) -> tuple[int, int, int]:
+    """``(H, W, C)`` from ``net.meta['inputSize']``, checked: one to four positive
+    integers (a fourth, the batch size, is ignored), within the memory budget."""
+    import numpy as np
+
+    from harness.mcn import McnError
+    from harness.mcn.simplenn import describe
+
+    size = net.meta.get("inputSize") if isinstance(net.meta, dict) else None
+    if size is None:
+        raise McnError("Expected net.meta.inputSize ([H W C]) to build a probe batch; the net has none.")
+    numeric = isinstance(size, int | float | np.number) or (
+        isinstance(size, np.ndarray) and size.dtype.kind in "iuf"
+    )
+    values = np.asarray(size, dtype=float).ravel() if numeric else np.zeros(0)
+    if (
+        isinstance(size, bool | np.bool_)
+        or not 1 <= values.size <= 4
+        or not np.all(np.isfinite(values))
+        or np.any(values != np.round(values))
+        or np.any(values[:3] < 1)
+    ):
+        raise McnError(
+            f"Expected net.meta.inputSize to be [H W C] (positive integers). Received {describe(size)}"
+        )
+    h, w, c = ([int(v) for v in values[:3]] + [1, 1])[:3]
+    return h, w, c
+
+
+def probe_batch(net, n: int, seed: int = 0):
+    """``x`` (H x W x C x N, standard normal, from ``net.meta['inputSize']``) and labels
+    (1 x N, 1-based, below the number of classes; None for a net without a loss layer),
+    drawn from ``np.random.RandomState(seed)``: x first, then the labels."""
+    import numpy as np
+
+    from harness.mcn.options import check_budget
+
+    h, w, c = input_size(net)
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise InputError(f"Expected a positive number of images in the probe batch. Received {n!r}")
+    # the batch itself, its float32/float64 copies on both sides and the first layers'
+    # activations: refuse up front what cannot fit instead of exhausting the machine
+    check_budget(8.0 * h * w * c * n * 4, f"a probe batch of {n} images of net.meta.inputSize [{h} {w} {c}]")
+    rng = np.random.RandomState(seed)
+    x = rng.randn(h, w, c, n)
+    if not net.layers or net.layers[-1].type not in ("softmaxloss", "loss"):
+        return x, None
+    return x, rng.randint(1, num_classes(net, x[..., :1]) + 1, size=(1, n)).astype(np.float64)
+
+
+def num_classes(net, x1=None) -> int:
+    """Channels of the scores entering the loss: from the last conv/convt filters, else
+    from a one-image forward pass of the reference (on ``x1``, or zeros of inputSize)."""
+    import numpy as np
+
+    if x1 is None:
+        x1 = np.zeros((*input_size(net), 1))
+
+    from harness.mcn import vl_simplenn
+    from harness.mcn.options import as_4d
+
+    for layer in reversed(net.layers[:-1]):
+        if layer.type in ("conv", "convt") and layer.weights and np.size(layer.weights[0]):
+            f = np.asarray(layer.weights[0])
+            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+            if layer.type == "conv":
+                return int(f.shape[3])
+            return int(f.shape[2] * int(np.asarray(getattr(layer, "num_groups", 1)).ravel()[0]))
+    body = net.copy()
+    body.layers = body.layers[:-1]
+    return int(as_4d(vl_simplenn(body, x1, mode="test")[-1].x).shape[2])
+
+
+def _seed_model(spec: str, option: str):
+    path = _SEED_DIR / SEED_MODELS[spec]
+    if not path.is_file():
+        raise InputError(f"{option} {spec!r}: the bundled seed models are not installed ({path} missing)")
+    name = f"mcn_harness_{path.stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module.build_model

@@ -1,0 +1,285 @@
+"""Training parity: the reference and a Keras model trained side by side.
+
+Both start from the net's weights and see the same batches in the same order (cnn_train's
+order: per epoch e, the training set shuffled by ``RandomState(seed + e)``). The reference
+runs cnn_train's step (harness.mcn.train) with the net's training options; the Keras
+model runs its own optimizer (the compiled one, or ``harness.matconvnet_optimizer``).
+After every step both losses, both batch errors (top-1, measured on the batch before the
+step, as cnn_train does) and the largest weight difference are recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.io.imdb import Imdb
+from harness.io.text import json_dumps
+from harness.mcn.net import Net
+from harness.mcn.options import McnError
+from harness.mcn.train import TrainOpts, _fresh_state, _train_batch, prepare_net
+
+__all__ = ["ParityStep", "ParityResult", "check_plot_path", "train_parity", "plot_parity"]
+
+
+@dataclass
+class ParityStep:
+    step: int
+    epoch: int
+    learning_rate: float
+    loss_ref: float
+    loss_keras: float
+    error_ref: float  # top-1 error on the batch, before the step
+    error_keras: float
+    max_weight_diff: float  # max |w_keras - w_ref| over every parameter, after the step
+    max_weight_rel: float  # that, divided by the largest |w_ref| of the same tensor
+
+
+@dataclass
+class ParityResult:
+    steps: list[ParityStep] = field(default_factory=list)
+    val_error_ref: list[float] = field(default_factory=list)  # per epoch
+    val_error_keras: list[float] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Strict JSON; a non-finite number (a loss gone to NaN) is null."""
+        return json_dumps(
+            {
+                "settings": self.settings,
+                "steps": [asdict(s) for s in self.steps],
+                "val_error_ref": self.val_error_ref,
+                "val_error_keras": self.val_error_keras,
+            }
+        )
+
+
+def _progress(done: int, total: int, t0: float, stream) -> None:
+    if stream is None or not getattr(stream, "isatty", lambda: False)():
+        if stream is not None and done == total:
+            stream.write(f"training: {total} steps in {time.perf_counter() - t0:.1f} s\n")
+        return
+    width = 30
+    filled = int(width * done / max(total, 1))
+    eta = (time.perf_counter() - t0) / max(done, 1) * (total - done)
+    stream.write(
+        f"\rtraining [{'#' * filled}{'.' * (width - filled)}] {done}/{total} steps, eta {eta:5.0f} s"
+    )
+    if done == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def _errors(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 error of H x W x K x N (or N x K) scores against 1-based labels (per image)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim == 2:
+        s = s.T[None, None]
+    pred = s.reshape(-1, s.shape[2], s.shape[3]).sum(axis=0).argmax(axis=0) + 1
+    lab = np.asarray(labels).ravel()
+    keep = lab > 0
+    return float(np.mean(pred[keep] != lab[keep])) if keep.any() else 0.0
+
+
+def train_parity(
+    net: Net,
+    model,
+    imdb: Imdb,
+    *,
+    epochs: int = 3,
+    batch_size: int | None = None,
+    optimizer: Any = "model",
+    train_opts: TrainOpts | None = None,
+    dtype: str = "float32",
+    dialect: str = "master",
+    seed: int = 0,
+    max_steps_per_epoch: int | None = None,
+    progress=None,
+) -> ParityResult:
+    """Train both sides for ``epochs`` epochs of ``imdb``'s training set (set 1).
+
+    ``optimizer``: "model" (the model's compiled optimizer; a MatConvNet optimizer is
+    rebuilt for this run's steps per epoch), "matconvnet" (harness.matconvnet_optimizer),
+    or a Keras optimizer. ``train_opts`` default to the net's ``meta.trainOpts``.
+    """
+    import keras
+
+    from harness.equivalence.align import align
+    from harness.equivalence.run import _Weights, with_dtype
+    from harness.training.replay import _keras_value, _params, _probabilities, _ref_value, keras_train_step
+    from harness.translate.optim import _MatConvNetOptimizer, matconvnet_optimizer
+
+    if epochs < 1:
+        raise McnError(f"Expected epochs >= 1. Received epochs={epochs}")
+    if dtype not in ("float32", "float64"):
+        raise McnError(f"Expected dtype 'float32' or 'float64'. Received dtype={dtype!r}")
+    np_dtype = np.float32 if dtype == "float32" else np.float64
+    raw_opts = dict(net.meta.get("trainOpts", {}) or {})
+    opts = train_opts or TrainOpts.from_matconvnet(raw_opts, dialect=dialect)
+    batch = int(batch_size or raw_opts.get("batchSize", 256))
+    if batch < 1:
+        raise McnError(f"Expected batch_size >= 1. Received batch_size={batch}")
+    train = imdb.subset(1) - 1
+    if train.size == 0:
+        raise McnError("Expected training images (set 1) in the imdb. Received none")
+    n_batches = int(np.ceil(train.size / batch))
+    if max_steps_per_epoch:
+        n_batches = min(n_batches, int(max_steps_per_epoch))
+    opts = TrainOpts(**{**asdict(opts), "batch_size": batch})
+    schedule = np.asarray(opts.learning_rate, dtype=float).ravel()
+
+    ref = prepare_net(net, np_dtype)
+    state = _fresh_state(ref)
+    model = with_dtype(model, dtype)
+    alignment = align(ref, model)
+    weights = _Weights(ref, model, alignment, dtype, load=True)
+    if weights.problems:
+        raise McnError(f"cannot load the net's weights into the model: {weights.problems[0]}")
+    params = _params(ref, model, alignment, weights)
+    if optimizer == "matconvnet" or (
+        optimizer == "model" and isinstance(getattr(model, "optimizer", None), _MatConvNetOptimizer)
+    ):
+        opt = matconvnet_optimizer(ref, opts, schedule=schedule, steps_per_epoch=n_batches)
+    elif optimizer == "model":
+        opt = getattr(model, "optimizer", None)
+        if opt is None:
+            raise McnError("Expected a compiled model (optimizer='model') or optimizer='matconvnet'")
+        opt = opt.__class__.from_config(opt.get_config())  # a fresh copy: no state from earlier runs
+    elif isinstance(optimizer, keras.optimizers.Optimizer):
+        opt = optimizer
+    else:
+        raise McnError(
+            f"Expected optimizer 'model', 'matconvnet' or a Keras optimizer. Received {optimizer!r}"
+        )
+    probabilities = _probabilities(model, alignment)
+    result = ParityResult(
+        settings={
+            "epochs": epochs,
+            "batch_size": batch,
+            "steps_per_epoch": n_batches,
+            "dtype": dtype,
+            "dialect": dialect,
+            "optimizer": type(opt).__name__,
+            "train_images": int(train.size),
+            "seed": seed,
+        }
+    )
+    total = epochs * n_batches
+    t0 = time.perf_counter()
+    step = 0
+    for e in range(1, epochs + 1):
+        lr = float(schedule[min(e, schedule.size) - 1])
+        order = train[np.random.RandomState(seed + e).permutation(train.size)]
+        for b in range(n_batches):
+            idx = order[b * batch : (b + 1) * batch]
+            x = imdb.images[..., idx].astype(np_dtype)
+            labels = imdb.labels[:, idx]
+            scores_k = np.asarray(model(x.transpose(3, 0, 1, 2), training=False))
+            err_k = _errors(scores_k.transpose(1, 2, 3, 0) if scores_k.ndim == 4 else scores_k, labels)
+            errors, num, loss_r = _train_batch(ref, state, x, labels, lr, opts, None)
+            err_r = float(errors[1]) / num if errors is not None and errors.size > 1 else float("nan")
+            loss_k = keras_train_step(
+                model, opt, x, labels, dialect=dialect, probabilities=probabilities, dtype=dtype
+            )
+            diffs = []
+            for p in params:
+                if p.role == "variance":
+                    continue
+                a, ref_w = _keras_value(p), _ref_value(ref, p)
+                got, _ = p.to_mcn(a) if p.groups is not None else (a.reshape(ref_w.shape), None)
+                d = float(np.max(np.abs(got - ref_w))) if ref_w.size else 0.0
+                diffs.append((d, d / max(float(np.max(np.abs(ref_w))), 1e-30)))
+            step += 1
+            result.steps.append(
+                ParityStep(
+                    step,
+                    e,
+                    lr,
+                    float(loss_r),
+                    float(loss_k),
+                    err_r,
+                    err_k,
+                    max((d for d, _ in diffs), default=0.0),
+                    max((r for _, r in diffs), default=0.0),
+                )
+            )
+            _progress(step, total, t0, sys.stderr if progress is None else progress)
+        val = imdb.subset(2) - 1
+        if val.size:
+            xv = imdb.images[..., val].astype(np_dtype)
+            from harness.mcn.simplenn import vl_simplenn
+
+            body = Net(ref.layers[:-1], ref.meta)
+            result.val_error_ref.append(
+                _errors(vl_simplenn(body, xv, mode="test")[-1].x, imdb.labels[:, val])
+            )
+            sk = np.asarray(model(xv.transpose(3, 0, 1, 2), training=False))
+            result.val_error_keras.append(
+                _errors(sk.transpose(1, 2, 3, 0) if sk.ndim == 4 else sk, imdb.labels[:, val])
+            )
+    return result
+
+
+def check_plot_path(path: str) -> str:
+    """The image format of ``path`` (its suffix), if matplotlib can write it; else an
+    McnError naming the formats it can (checked before training, not after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    fmt = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if fmt not in supported:
+        raise McnError(
+            f"--plot {str(path)!r}: expected an image file name ending in one of "
+            f"{', '.join('.' + f for f in sorted(supported))}"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise McnError(f"--plot {str(path)!r}: no such directory ({directory})")
+    return fmt
+
+
+def plot_parity(result: ParityResult, path: str, title: str = "MatConvNet reference vs Keras") -> None:
+    """Loss and batch error per step for both sides, and the largest weight difference
+    per step on a log scale; written as PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s.step for s in result.steps]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot(steps, [s.loss_ref for s in result.steps], "-", label="MatConvNet (reference)", lw=2)
+    axes[0].plot(steps, [s.loss_keras for s in result.steps], "--", label="Keras", lw=2)
+    axes[0].set(title="training loss per step", xlabel="step", ylabel="loss per image")
+    axes[1].plot(steps, [100 * s.error_ref for s in result.steps], "-", label="MatConvNet (reference)", lw=2)
+    axes[1].plot(steps, [100 * s.error_keras for s in result.steps], "--", label="Keras", lw=2)
+    axes[1].set(title="batch top-1 error per step", xlabel="step", ylabel="error (%)")
+    diffs = [max(s.max_weight_diff, 1e-17) for s in result.steps]
+    axes[2].semilogy(steps, diffs, "-o", ms=3, color="C3")
+    axes[2].set(title="largest weight difference", xlabel="step", ylabel="max |w_keras - w_ref|")
+    for ax in axes[:2]:
+        ax.legend()
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fmt = check_plot_path(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=f".{fmt}", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    plt.close(fig)

@@ -6,13 +6,16 @@ Keras load on first use, so the reference works without them.
 
 from harness.equivalence.run import compare
 from harness.mcn import McnError, Net, load_checkpoint, load_net, save_net, seed_net
+from harness.pipeline import CheckResult, check
 from harness.testing.asserts import assert_equivalent
 from harness.training.replay import compare_training
 
 __all__ = [
+    "CheckResult",
     "McnError",
     "Net",
     "assert_equivalent",
+    "check",
     "compare",
     "compare_training",
     "load_checkpoint",

@@ -107,62 +107,35 @@ def _load(args) -> tuple[Net, object]:
     return net, model
 
 
-def _alignment_fatal(net: Net, model) -> str | None:
-    """A model whose parameter layers cannot be paired with the net's cannot be compared."""
-    from harness.equivalence.align import align
-
-    alignment = align(net, model)
-    for pair in alignment.pairs:
-        if net.layers[pair.index].type in ("conv", "convt", "bnorm") and pair.param_layer is None:
-            return (
-                f"cannot align the model with the net: MatConvNet layer '{pair.name}' ({pair.type}) "
-                "has no Keras partner"
-            )
-    return None
-
-
 def _check_one(net: Net, model, args, out) -> int:
-    from harness.diagnosis.findings import diagnose
-    from harness.equivalence import compare
     from harness.equivalence.report import to_html
+    from harness.pipeline import check
 
-    fatal = _alignment_fatal(net, model)
-    if fatal:
-        raise InputError(fatal)
-    findings = diagnose(net, model)
-    x, labels = probe_batch(net, args.batch, seed=args.seed)
-    report = compare(
-        net, model, x, labels, dtype=args.dtype, mode=args.mode, dialect=args.dialect, weights=args.weights
+    result = check(
+        net,
+        model,
+        batch=args.batch,
+        seed=args.seed,
+        dtype=args.dtype,
+        mode=args.mode,
+        dialect=args.dialect,
+        weights=args.weights,
     )
-    if report.alignment_problems and all("shapes" in p for p in report.alignment_problems):
-        raise InputError(report.alignment_problems[0])
-    causes = []
-    if not report.ok and report.first_divergence:
-        from harness.diagnosis.findings import probe_causes
-
-        causes = probe_causes(
-            net, model, report, x, labels, mode=args.mode, dialect=args.dialect, weights=args.weights
-        )
     # everything is computed and rendered before anything is printed or written: a
     # failure while rendering can then never follow a printed verdict
-    lines = [_paint(str(report), out)]
-    culprit = safe_text(report.first_divergence["culprit"]) if report.first_divergence else ""
-    lines += [f"likely cause at '{culprit}': {safe_text(c)}" for c in causes]
-    if findings:
-        lines.append(f"\nfindings ({len(findings)}):")
-        lines += [f"  {safe_text(f)}" for f in findings]
+    lines = result.lines()
+    table = len(str(result.report).splitlines())
     files = {}
     if args.json:
-        payload = report.to_dict()
-        payload["findings"] = [f.to_dict() for f in findings]
-        payload["causes"] = causes
-        files[args.json] = json_dumps(payload)
+        files[args.json] = result.to_json()
     if args.html:
-        files[args.html] = to_html(report, findings)
-    print("\n".join(lines), file=out)
+        files[args.html] = to_html(result.report, result.findings)
+    print(_paint("\n".join(lines[:table]), out), file=out)
+    if lines[table:]:
+        print("\n".join(lines[table:]), file=out)
     for path, text in files.items():
         write_atomic(path, text)
-    return 0 if report.ok else 1
+    return 0 if result.ok else 1
 
 
 def _cmd_check(args) -> int:

@@ -1,7 +1,13 @@
 """Why a port diverges: static findings (``diagnose``: layer configuration, optimizer,
 initialisation) and cause probes that re-run a divergent layer with common porting
-mistakes (``probe_causes``)."""
+mistakes (``probe_causes``, each a ``Cause``).
 
-from harness.diagnosis.findings import Finding, diagnose, probe_causes
+Modules: ``findings`` (the ``Finding`` record and ``diagnose``), ``layer_rules``,
+``setup_rules`` and ``optimizer_rules`` (the rules; the optimizer table is shared with
+``harness.training.compare_training``), ``causes`` (``Cause`` and ``probe_causes``).
+"""
 
-__all__ = ["Finding", "diagnose", "probe_causes"]
+from harness.diagnosis.causes import Cause, probe_causes
+from harness.diagnosis.findings import Finding, diagnose
+
+__all__ = ["Cause", "Finding", "diagnose", "probe_causes"]

@@ -1,6 +1,7 @@
-"""The differential engine: align the net's layers with the model's, run both sides on
-one batch (``run``), measure every tensor with one kernel (``metrics``) against the
-error model (``tolerance``), and report (``report``)."""
+"""The differential engine: align the net's layers with the model's (``align``), run
+both sides on one batch (``reference_pass``, ``keras_pass``; chained by ``run``), turn
+each pair of tensors into a row (``rows``) measured with one kernel (``metrics``)
+against the error model (``tolerance``), and report (``report``)."""
 
 from harness.equivalence.align import Alignment, Pair, align
 from harness.equivalence.report import Report, Row

@@ -3,9 +3,10 @@
 JSON schema (``Report.to_json()``, stable; keys sorted; strict JSON: a non-finite
 number (NaN, Inf: a tensor that went non-finite) is written as null):
 
-    {"schema": "mcn-harness/report/2", "ok": bool, "dtype": str, "mode": str,
+    {"schema": "mcn-harness/report/3", "ok": bool, "dtype": str, "mode": str,
      "dialect": str, "convention": str, "alignment_problems": [str],
-     "problems": [str], "notes": [str], "limitations": [str],
+     "problems": [str], "notes": [str],
+     "limitations": [{"kind": str, "text": str}],
      "first_divergence": null | {"layer": str, "keras": str, "tensor": str, "culprit": str},
      "rows": [{"layer": str, "type": str, "keras": str, "tensor": str, "ok": bool,
                "numel": int, "mismatches": int, "max_abs": float, "max_rel": float,
@@ -14,9 +15,14 @@ number (NaN, Inf: a tensor that went non-finite) is written as null):
                "keras_value": float | null, "note": str,
                "limitation": str, "nonfinite_ref": int, "nonfinite_keras": int}]}
 
-Changes from schema 1: ``problems`` (non-finite parameters or inputs on either side:
-the verdict is then DIVERGENT), the rows' ``nonfinite_ref``/``nonfinite_keras`` counts,
-and null for non-finite numbers (schema 1 wrote invalid ``NaN`` tokens).
+``mcn-harness check --json`` (and ``CheckResult.to_dict()``) add
+``"findings": [Finding.to_dict()]`` and ``"causes": [Cause.to_dict()]``.
+
+Changes from schema 2: ``limitations`` are records (``Limitation``: kind and text),
+``first_divergence`` is a ``Divergence`` record (same keys). Changes from schema 1:
+``problems`` (non-finite parameters or inputs on either side: the verdict is then
+DIVERGENT), the rows' ``nonfinite_ref``/``nonfinite_keras`` counts, and null for
+non-finite numbers (schema 1 wrote invalid ``NaN`` tokens).
 
 A NaN or Inf never compares equal (``harness.equivalence.metrics``): a row with a non-finite
 element on either side is a mismatch, and a non-finite reference is flagged in the
@@ -31,11 +37,51 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from harness.io.text import json_dumps, safe_text
+from harness.io.text import json_dumps
+from harness.io.text import safe_text as _text
 
-__all__ = ["Row", "Report"]
+__all__ = ["Divergence", "Limitation", "Report", "Row"]
 
-SCHEMA = "mcn-harness/report/2"
+SCHEMA = "mcn-harness/report/3"
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where the two sides part first. ``layer``/``keras``/``tensor`` name the first row
+    that differs; ``culprit`` is the MatConvNet layer held responsible (for a derivative
+    that differs first at a layer's output, the layer after it)."""
+
+    layer: str
+    keras: str
+    tensor: str
+    culprit: str
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "keras": self.keras, "tensor": self.tensor, "culprit": self.culprit}
+
+    def __getitem__(self, key: str) -> str:  # mapping access, as schema 1's dict allowed
+        if key not in ("layer", "keras", "tensor", "culprit"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+@dataclass(frozen=True)
+class Limitation:
+    """A known, accepted difference between MatConvNet and Keras (``kind``: a short
+    key such as "lrn-fast-pow"); rows it explains carry its ``text`` and do not count."""
+
+    kind: str
+    text: str
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "text": self.text}
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _limitation(value) -> Limitation:
+    return value if isinstance(value, Limitation) else Limitation("other", str(value))
 
 
 @dataclass
@@ -59,6 +105,26 @@ class Row:
     nonfinite_ref: int = 0  # NaN/Inf elements in the MatConvNet tensor (never trusted)
     nonfinite_keras: int = 0  # NaN/Inf elements in the Keras tensor
 
+    @property
+    def status(self) -> str:
+        """ "ok", "known" (a limitation explains it) or "DIFF"."""
+        return "ok" if self.ok else ("known" if self.limitation else "DIFF")
+
+    def detail(self) -> str:
+        """The worst element of a differing row (index: ref / Keras) and the note, safe
+        for a terminal."""
+        worst = ""
+        if not self.ok and self.worst_index_mcn is not None and self.ref_value is not None:
+            worst = f"{tuple(self.worst_index_mcn)}: {self.ref_value:.6g} / {self.keras_value:.6g}"
+        if self.note:
+            worst = f"{worst}  {self.note}".strip()
+        return _text(worst)
+
+
+def text_tail(notes: list, limitations: list) -> list[str]:
+    """The closing lines of a report's text: its notes and its limitations."""
+    return [f"note: {_text(n)}" for n in notes] + [f"limitation: {_text(n)}" for n in limitations]
+
 
 @dataclass
 class Report:
@@ -69,8 +135,8 @@ class Report:
     convention: str
     alignment_problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    limitations: list[str] = field(default_factory=list)
-    first_divergence: dict | None = None
+    limitations: list[Limitation] = field(default_factory=list)
+    first_divergence: Divergence | None = None
     # non-finite parameters or inputs on either side: never equivalent
     problems: list[str] = field(default_factory=list)
 
@@ -89,8 +155,8 @@ class Report:
             "alignment_problems": list(self.alignment_problems),
             "problems": list(self.problems),
             "notes": list(self.notes),
-            "limitations": list(self.limitations),
-            "first_divergence": self.first_divergence,
+            "limitations": [_limitation(x).to_dict() for x in self.limitations],
+            "first_divergence": None if self.first_divergence is None else _divergence(self.first_divergence),
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -106,13 +172,13 @@ class Report:
         if self.first_divergence:
             fd = self.first_divergence
             lines.append(
-                f"first divergence: layer '{_safe(fd['culprit'])}' ({_safe(fd['tensor'])} of "
-                f"'{_safe(fd['layer'])}' vs Keras '{_safe(fd['keras'])}')"
+                f"first divergence: layer '{_text(fd['culprit'])}' ({_text(fd['tensor'])} of "
+                f"'{_text(fd['layer'])}' vs Keras '{_text(fd['keras'])}')"
             )
         for p in self.alignment_problems:
-            lines.append(f"alignment: {_safe(p)}")
+            lines.append(f"alignment: {_text(p)}")
         for p in self.problems:
-            lines.append(f"problem: {_safe(p)}")
+            lines.append(f"problem: {_text(p)}")
         header = (
             f"{'layer':<14} {'keras':<22} {'tensor':<8} {'status':<6} {'mismatch':>13} "
             f"{'max abs':>9} {'max rel':>9}  worst (mcn idx: ref / keras)"
@@ -121,26 +187,17 @@ class Report:
         for r in self.rows:
             status = "ok" if r.ok else ("known" if r.limitation else "DIFF")
             mism = f"{r.mismatches}/{r.numel}"
-            worst = ""
-            if not r.ok and r.worst_index_mcn is not None and r.ref_value is not None:
-                worst = f"{tuple(r.worst_index_mcn)}: {r.ref_value:.6g} / {r.keras_value:.6g}"
-            if r.note:
-                worst = f"{worst}  {r.note}".strip()
             lines.append(
-                f"{_safe(r.layer)[:14]:<14} {_safe(r.keras)[:22]:<22} {_safe(r.tensor):<8} {status:<6} "
+                f"{_text(r.layer)[:14]:<14} {_text(r.keras)[:22]:<22} {_text(r.tensor):<8} {status:<6} "
                 f"{mism:>13} "
-                f"{r.max_abs:>9.2e} {r.max_rel:>9.2e}  {_safe(worst)}"
+                f"{r.max_abs:>9.2e} {r.max_rel:>9.2e}  {r.detail()}"
             )
-        for n in self.notes:
-            lines.append(f"note: {_safe(n)}")
-        for n in self.limitations:
-            lines.append(f"limitation: {_safe(n)}")
+        lines += text_tail(self.notes, self.limitations)
         return "\n".join(lines)
 
 
-def _safe(text) -> str:
-    """Names come from .mat files and models: drop control characters (terminal escapes)."""
-    return safe_text(text)
+def _divergence(fd) -> dict:
+    return fd.to_dict() if isinstance(fd, Divergence) else dict(fd)
 
 
 def _chart_svg(report: Report) -> str:
@@ -189,7 +246,7 @@ def _chart_svg(report: Report) -> str:
         cx = left + 30 + 60 * i
         parts.append(
             f'<text x="{cx}" y="{height - bottom + 16}" font-size="11" text-anchor="end" '
-            f'transform="rotate(-35 {cx} {height - bottom + 16})">{html.escape(safe_text(name)[:16])}</text>'
+            f'transform="rotate(-35 {cx} {height - bottom + 16})">{html.escape(_text(name)[:16])}</text>'
         )
     parts.append(
         f'<text x="{left}" y="14" font-size="12"><tspan fill="#1f77b4">● forward</tspan> '
@@ -205,7 +262,7 @@ def to_html(report: Report, findings: list | None = None, title: str = "mcn-harn
     import html
 
     def e(value) -> str:
-        return html.escape(safe_text(value))
+        return html.escape(_text(value))
 
     status = "EQUIVALENT" if report.ok else "DIVERGENT"
     head = (

@@ -9,8 +9,9 @@ MATLAB path of the value) anything scipy would mis-handle, anything nested deepe
 ``MAX_NESTING`` and anything whose declared sizes exceed ``memory_budget()``. Only the
 top-level variables asked for are walked; the others are skipped by their element
 length (a compressed one is decompressed only as far as its name). ``SegmentReader``
-then hands scipy a stream made of a clean header and the scanned variables only, so
-scipy never sees a byte that was not checked.
+(harness.mcn.mat_v5_streams, with the byte sources the scanner reads) then hands scipy a
+stream made of a clean header and the scanned variables only, so scipy never sees a byte
+that was not checked.
 
 Format (MATLAB "MAT-File Format", and scipy/io/matlab/_mio5*.py which this follows):
 a 128-byte header (text, subsystem offset, version 0x0100, endian indicator ``IM``),
@@ -26,16 +27,16 @@ miMATRIX; an opaque (MCOS) object three int8 strings and one miMATRIX.
 
 from __future__ import annotations
 
-import io
 import os
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.mcn.options import MAX_NESTING, McnError, check_budget, memory_budget
+from harness.mcn.mat_v5_streams import FileSource, Malformed, MalformedAt, ZlibSource
+from harness.mcn.mat_values import safe_label, unreadable
+from harness.mcn.options import MAX_NESTING, check_budget, memory_budget
 
-__all__ = ["OBJECT_OVERHEAD", "SegmentReader", "V5Scan", "V5Variable", "scan_v5"]
+__all__ = ["OBJECT_OVERHEAD", "V5Scan", "V5Variable", "read_v5_header", "scan_v5"]
 
 # data types (mi*) and array classes (mx*)
 miINT8, miUINT8, miINT16, miUINT16, miINT32, miUINT32 = 1, 2, 3, 4, 5, 6
@@ -66,125 +67,6 @@ MAX_FIELD_NAMES_BYTES = 1 << 22
 # scipy compares every field name with every earlier one (to rename duplicates): a
 # struct declaring 10^6 one-byte field names would keep it busy for hours.
 MAX_FIELDS = 16384
-_ZLIB_IN_CHUNK = (1 << 12, 1 << 16)  # first and largest compressed read
-_ZLIB_OUT_CHUNK = 1 << 20
-_SKIP_CHUNK = 1 << 20
-
-
-class _Malformed(Exception):
-    """Internal: the bytes are not a valid MATLAB v5 file (reason in args[0])."""
-
-
-class _MalformedAt(_Malformed):
-    """Internal: as _Malformed, the reason already starting with the MATLAB path."""
-
-
-def _label(text: str, limit: int = 64) -> str:
-    """A file-supplied name made safe for a one-line message."""
-    if len(text) <= limit and text.isascii() and text.isprintable():
-        return text
-    out = "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else "?" for c in text)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- sources
-
-
-class _FileSource:
-    """Bytes [start, end) of the file; ``pos`` counts from ``start``."""
-
-    def __init__(self, fh: Any, start: int, end: int):
-        self.fh, self.start, self.size, self.pos = fh, start, end - start, 0
-        self.lazy = True  # unused: a file source reads only what it is asked for
-
-    def read(self, n: int) -> bytes:
-        if self.pos + n > self.size:
-            raise _Malformed(f"truncated: needs {n} bytes at offset {self.start + self.pos}")
-        self.fh.seek(self.start + self.pos)
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise _Malformed(f"truncated: file ends inside an element at offset {self.start + self.pos}")
-        self.pos += n
-        return data
-
-    def skip(self, n: int) -> None:
-        if self.pos + n > self.size:
-            raise _Malformed(f"truncated: needs {n} bytes at offset {self.start + self.pos}")
-        self.pos += n
-
-    def exhausted(self) -> bool:
-        return self.pos == self.size
-
-
-class _ZlibSource:
-    """The decompressed bytes of a miCOMPRESSED element, produced as a stream in bounded
-    chunks (never the whole element at once); ``pos`` counts decompressed bytes."""
-
-    def __init__(self, fh: Any, start: int, length: int):
-        self.fh, self.next_in, self.left_in = fh, start, length
-        self.dec = zlib.decompressobj()
-        self.buf, self.bpos, self.pos = b"", 0, 0
-        self.in_chunk = _ZLIB_IN_CHUNK[0]  # grows: reading a name costs a few KiB at most
-        # While lazy, inflate only the bytes asked for: the header of a variable that is
-        # then skipped is all that is ever decompressed of it.
-        self.lazy = True
-
-    def _produce(self, want: int) -> bytes:
-        while True:
-            if self.dec.eof:
-                return b""
-            data = self.dec.unconsumed_tail
-            if not data and self.left_in > 0:
-                self.fh.seek(self.next_in)
-                data = self.fh.read(min(self.in_chunk, self.left_in))
-                self.in_chunk = min(2 * self.in_chunk, _ZLIB_IN_CHUNK[1])
-                if not data:
-                    raise _Malformed("truncated: file ends inside a compressed element")
-                self.next_in += len(data)
-                self.left_in -= len(data)
-            try:
-                out = self.dec.decompress(data, want if self.lazy else max(want, 1 << 16))
-            except zlib.error as err:
-                raise _Malformed(f"corrupt compressed data ({err})") from None
-            if out:
-                return out
-            if not data:
-                return b""
-
-    def _take(self, n: int, keep: bool) -> bytes:
-        parts = []
-        while n > 0:
-            if self.bpos >= len(self.buf):
-                self.buf, self.bpos = self._produce(min(n, _ZLIB_OUT_CHUNK)), 0
-                if not self.buf:
-                    raise _Malformed("truncated: compressed element ends inside an element")
-            k = min(n, len(self.buf) - self.bpos)
-            if keep:
-                parts.append(self.buf[self.bpos : self.bpos + k])
-            self.bpos += k
-            self.pos += k
-            n -= k
-        return b"".join(parts)
-
-    def read(self, n: int) -> bytes:
-        if self.bpos + n <= len(self.buf):  # the common case: a tag or header in the buffer
-            out = self.buf[self.bpos : self.bpos + n]
-            self.bpos += n
-            self.pos += n
-            return out
-        return self._take(n, True)
-
-    def skip(self, n: int) -> None:
-        while n > 0:  # bounded steps: a huge skip never holds more than one chunk
-            k = min(n, _SKIP_CHUNK)
-            self._take(k, False)
-            n -= k
-
-    def exhausted(self) -> bool:
-        if self.bpos < len(self.buf):
-            return False
-        self.buf, self.bpos = self._produce(1), 0
-        return not self.buf
 
 
 # --------------------------------------------------------------------------- results
@@ -268,12 +150,12 @@ class _Scanner:
     def tag(self, src: Any, limit: int) -> tuple[int, int, bytes | None]:
         """A data element tag: (type, byte count, small-element data or None)."""
         if src.pos + 8 > limit:
-            raise _Malformed("element tag overruns its enclosing matrix")
+            raise Malformed("element tag overruns its enclosing matrix")
         w0, w1 = struct.unpack(self.e + "II", src.read(8))
         if w0 >> 16:  # small data element
             count = w0 >> 16
             if count > 4:
-                raise _Malformed(f"small data element declares {count} bytes (at most 4)")
+                raise Malformed(f"small data element declares {count} bytes (at most 4)")
             raw = struct.pack(self.e + "I", w1)
             return w0 & 0xFFFF, count, raw[:count]
         return w0, w1, None
@@ -283,7 +165,7 @@ class _Scanner:
             return small
         padded = count + (-count % 8)
         if src.pos + padded > limit:
-            raise _Malformed(f"data element of {count} bytes overruns its enclosing matrix")
+            raise Malformed(f"data element of {count} bytes overruns its enclosing matrix")
         if not keep:
             src.skip(padded)
             return b""
@@ -294,33 +176,33 @@ class _Scanner:
     def int8_string(self, src: Any, limit: int, what: str, cap: int = MAX_NAME_BYTES) -> bytes:
         mdtype, count, small = self.tag(src, limit)
         if mdtype not in (miINT8, miUTF8):
-            raise _Malformed(f"{what}: expected an int8 string (type 1), found type {mdtype}")
+            raise Malformed(f"{what}: expected an int8 string (type 1), found type {mdtype}")
         if count > cap:
-            raise _Malformed(f"{what}: {count} bytes long (at most {cap})")
+            raise Malformed(f"{what}: {count} bytes long (at most {cap})")
         raw = self.data(src, limit, count, small, True)
         if mdtype == miUTF8 and not raw.isascii():
-            raise _Malformed(f"{what}: non-ASCII characters")
+            raise Malformed(f"{what}: non-ASCII characters")
         return raw
 
     def int32s(self, src: Any, limit: int, what: str, max_count: int) -> tuple[int, ...]:
         mdtype, count, small = self.tag(src, limit)
         if mdtype not in (miINT32, miUINT32):
-            raise _Malformed(f"{what}: expected int32 values (type 5), found type {mdtype}")
+            raise Malformed(f"{what}: expected int32 values (type 5), found type {mdtype}")
         if count % 4 or count > 4 * max_count:
-            raise _Malformed(f"{what}: {count} bytes (a multiple of 4, at most {4 * max_count})")
+            raise Malformed(f"{what}: {count} bytes (a multiple of 4, at most {4 * max_count})")
         raw = self.data(src, limit, count, small, True)
         values = struct.unpack(f"{self.e}{count // 4}i", raw)
         if any(v < 0 for v in values):
-            raise _Malformed(f"{what}: negative value {min(values)}")
+            raise Malformed(f"{what}: negative value {min(values)}")
         return values
 
     def numeric(self, src: Any, limit: int, what: str, numel: int | None, mpath: str) -> int:
         """Skip one numeric data element; returns its byte count (charged)."""
         mdtype, count, small = self.tag(src, limit)
         if mdtype not in _NUMERIC_MI:
-            raise _Malformed(f"{what}: data type {mdtype} is not numeric")
+            raise Malformed(f"{what}: data type {mdtype} is not numeric")
         if numel is not None and count != numel * _NUMERIC_MI[mdtype]:
-            raise _Malformed(
+            raise Malformed(
                 f"{what}: {count} bytes of type {mdtype} for {numel} elements "
                 f"(expected {numel * _NUMERIC_MI[mdtype]})"
             )
@@ -333,26 +215,26 @@ class _Scanner:
     def header(self, src: Any, limit: int, mpath: str, depth: int) -> _Header | None:
         """Read a miMATRIX tag and its header (flags, dims, name); None for an empty one."""
         if src.pos + 8 > limit:
-            raise _Malformed("matrix tag overruns its enclosing matrix")
+            raise Malformed("matrix tag overruns its enclosing matrix")
         mdtype, count = struct.unpack(self.e + "II", src.read(8))
         if mdtype != miMATRIX:
-            raise _Malformed(f"expected a matrix element (type 14), found type {mdtype}")
+            raise Malformed(f"expected a matrix element (type 14), found type {mdtype}")
         end = src.pos + count
         if end > limit:
-            raise _Malformed(f"matrix of {count} bytes overruns its enclosing element")
+            raise Malformed(f"matrix of {count} bytes overruns its enclosing element")
         if count == 0:
             return None
         if depth > MAX_NESTING:
-            raise _Malformed(f"nested deeper than {MAX_NESTING} levels (MAX_NESTING)")
+            raise Malformed(f"nested deeper than {MAX_NESTING} levels (MAX_NESTING)")
         if src.pos + 16 > end:
-            raise _Malformed("matrix too short for its array flags")
+            raise Malformed("matrix too short for its array flags")
         ftype, fcount, flags, _nzmax = struct.unpack(self.e + "IIII", src.read(16))
         if ftype not in (miUINT32, miINT32) or fcount != 8:
-            raise _Malformed(f"bad array flags element (type {ftype}, {fcount} bytes)")
+            raise Malformed(f"bad array flags element (type {ftype}, {fcount} bytes)")
         mclass = flags & 0xFF
         is_complex = bool(flags >> 11 & 1)
         if mclass not in CLASS_NAMES:
-            raise _Malformed(f"unknown MATLAB array class {mclass}")
+            raise Malformed(f"unknown MATLAB array class {mclass}")
         if mclass == mxOPAQUE:
             name = self.int8_string(src, end, "name")
             self.int8_string(src, end, "type system")
@@ -360,7 +242,7 @@ class _Scanner:
             return _Header(end, mclass, False, None, name.decode("latin1"), cls.decode("latin1"))
         dims = self.int32s(src, end, "dimensions", 32)
         if len(dims) < 2:
-            raise _Malformed(f"{len(dims)} dimensions (MATLAB arrays have at least 2)")
+            raise Malformed(f"{len(dims)} dimensions (MATLAB arrays have at least 2)")
         name = self.int8_string(src, end, "name")
         return _Header(end, mclass, is_complex, dims, name.decode("latin1"), CLASS_NAMES[mclass])
 
@@ -379,22 +261,22 @@ class _Scanner:
         elif mc == mxCHAR:
             mdtype, count, small = self.tag(src, end)
             if mdtype not in _CHAR_MI:
-                raise _Malformed(f"char data of type {mdtype}")
+                raise Malformed(f"char data of type {mdtype}")
             unit = _CHAR_MI[mdtype]
             if count and mdtype != miUTF8 and count != numel * unit:
-                raise _Malformed(f"char data of {count} bytes for {numel} characters")
+                raise Malformed(f"char data of {count} bytes for {numel} characters")
             self.charge(count + numel * 12, mpath)  # the decoded str and the U1 array
             raw = self.data(src, end, count, small, mdtype == miUTF8)
             if count and mdtype == miUTF8:
                 chars = len(raw.decode("utf-8", "replace"))
                 if chars < numel:  # scipy's reader would fail ("buffer is too small")
-                    raise _Malformed(
+                    raise Malformed(
                         f"UTF-8 char data holds {chars} characters for {numel} declared "
                         "(characters outside the Basic Multilingual Plane are not supported in v5 files)"
                     )
         elif mc == mxSPARSE:
             if len(h.dims or ()) != 2:
-                raise _Malformed("sparse array with more than 2 dimensions")
+                raise Malformed("sparse array with more than 2 dimensions")
             nbytes = self.numeric(src, end, "row indices (ir)", None, mpath)
             nbytes += self.numeric(src, end, "column starts (jc)", None, mpath)
             for part in ("real part", "imaginary part") if h.is_complex else ("data",):
@@ -408,30 +290,30 @@ class _Scanner:
                 self.int8_string(src, end, "class name")
             (namelength,) = self.int32s(src, end, "field name length", 1) or (0,)
             if not 1 <= namelength <= MAX_FIELD_NAME_LENGTH:
-                raise _Malformed(f"field name length {namelength} (1 to {MAX_FIELD_NAME_LENGTH})")
+                raise Malformed(f"field name length {namelength} (1 to {MAX_FIELD_NAME_LENGTH})")
             raw = self.int8_string(src, end, "field names", MAX_FIELD_NAMES_BYTES)
             if len(raw) % namelength:
-                raise _Malformed(f"{len(raw)} bytes of field names is not a multiple of {namelength}")
+                raise Malformed(f"{len(raw)} bytes of field names is not a multiple of {namelength}")
             if len(raw) // namelength > MAX_FIELDS:
-                raise _Malformed(f"{len(raw) // namelength} fields (at most {MAX_FIELDS})")
+                raise Malformed(f"{len(raw) // namelength} fields (at most {MAX_FIELDS})")
             names = []
             for i in range(0, len(raw), namelength):
                 slot = raw[i : i + namelength]
                 if b"\x00" not in slot:
-                    raise _Malformed(f"field name {len(names) + 1} is not NUL-terminated")
+                    raise Malformed(f"field name {len(names) + 1} is not NUL-terminated")
                 try:
                     names.append(slot[: slot.index(b"\x00")].decode("utf-8"))
                 except UnicodeDecodeError:
-                    raise _Malformed(f"field name {len(names) + 1} is not UTF-8") from None
+                    raise Malformed(f"field name {len(names) + 1} is not UTF-8") from None
             self.charge(numel * (len(names) * (8 + OBJECT_OVERHEAD) + OBJECT_OVERHEAD), mpath)
-            labels = tuple(_label(n) for n in names)
+            labels = tuple(safe_label(n) for n in names)
             return _Frame("struct", mpath, depth, end, numel * len(names), fields=labels, numel=numel)
         elif mc == mxFUNCTION:
             return _Frame("function", mpath, depth, end, 1)
         elif mc == mxOPAQUE:
-            return _Frame("opaque", mpath, depth, end, 1, fields=(_label(h.class_name),))
+            return _Frame("opaque", mpath, depth, end, 1, fields=(safe_label(h.class_name),))
         if src.pos != end:
-            raise _Malformed(f"{end - src.pos} unexpected bytes at the end of the matrix")
+            raise Malformed(f"{end - src.pos} unexpected bytes at the end of the matrix")
         return None
 
     def child_path(self, fr: _Frame) -> str:
@@ -458,7 +340,7 @@ class _Scanner:
                 if fr.remaining == 0:
                     where = fr.mpath
                     if src.pos != fr.end:
-                        raise _Malformed(
+                        raise Malformed(
                             f"contents end {fr.end - src.pos:+d} bytes away from the declared matrix end"
                         )
                     stack.pop()
@@ -472,24 +354,20 @@ class _Scanner:
                 child = self.body(src, ch, where, fr.depth + 1)
                 if child is not None:
                     stack.append(child)
-        except _Malformed as err:
-            raise _MalformedAt(f"{where}: {err.args[0]}") from None
+        except Malformed as err:
+            raise MalformedAt(f"{where}: {err.args[0]}") from None
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def _fail(path: str, reason: str) -> McnError:
-    return McnError(f"Expected a readable MATLAB .mat file. Received path={path!r} ({reason})")
-
-
 def read_v5_header(path: str, head: bytes) -> tuple[str, int]:
     """(byte order, version) of a v5 header, or McnError."""
     if len(head) < 128:
-        raise _fail(path, f"truncated: {len(head)} bytes, shorter than the 128-byte header")
+        raise unreadable(path, f"truncated: {len(head)} bytes, shorter than the 128-byte header")
     endian = head[126:128]
     if endian not in (b"IM", b"MI"):
-        raise _fail(
+        raise unreadable(
             path,
             "header: no MATLAB v5 endian indicator 'IM' at byte 126 "
             "(not a v5/v7 or v7.3 MAT-file; MATLAB v4 files are not supported)",
@@ -497,7 +375,7 @@ def read_v5_header(path: str, head: bytes) -> tuple[str, int]:
     order = "<" if endian == b"IM" else ">"
     (version,) = struct.unpack(order + "H", head[124:126])
     if version != 0x0100:
-        raise _fail(path, f"header: version 0x{version:04x} (expected 0x0100 for v5/v7)")
+        raise unreadable(path, f"header: version 0x{version:04x} (expected 0x0100 for v5/v7)")
     return order, version
 
 
@@ -512,7 +390,7 @@ def scan_v5(path: str | os.PathLike, wanted: Any = None) -> V5Scan:
     try:
         fh = open(spath, "rb")
     except OSError as err:
-        raise _fail(spath, f"cannot open: {err.strerror}") from None
+        raise unreadable(spath, f"cannot open: {err.strerror}") from None
     with fh:
         fsize = os.fstat(fh.fileno()).st_size
         order, version = read_v5_header(spath, fh.read(128))
@@ -524,28 +402,26 @@ def scan_v5(path: str | os.PathLike, wanted: Any = None) -> V5Scan:
             where = f"top-level element at byte {pos}"
             try:
                 if fsize - pos < 8:
-                    raise _Malformed(f"truncated: {fsize - pos} stray bytes at the end of the file")
+                    raise Malformed(f"truncated: {fsize - pos} stray bytes at the end of the file")
                 fh.seek(pos)
                 mdtype, count = struct.unpack(order + "II", fh.read(8))
                 end = pos + 8 + count
                 if count == 0:
-                    raise _Malformed("empty element")
+                    raise Malformed("empty element")
                 if end > fsize:
-                    raise _Malformed(
-                        f"truncated: declares {count} bytes, the file has {fsize - pos - 8} left"
-                    )
+                    raise Malformed(f"truncated: declares {count} bytes, the file has {fsize - pos - 8} left")
                 if mdtype == miCOMPRESSED:
-                    src: Any = _ZlibSource(fh, pos + 8, count)
+                    src: Any = ZlibSource(fh, pos + 8, count)
                     limit = 8 + 2**32
                 elif mdtype == miMATRIX:
-                    src = _FileSource(fh, pos, end)
+                    src = FileSource(fh, pos, end)
                     limit = 8 + count
                 else:
-                    raise _Malformed(f"element type {mdtype} (expected 14 matrix or 15 compressed)")
+                    raise Malformed(f"element type {mdtype} (expected 14 matrix or 15 compressed)")
                 h = sc.header(src, limit, where, 0)
                 if h is None:
-                    raise _Malformed("empty matrix")
-                where = _label(h.name) or "<unnamed variable>"
+                    raise Malformed("empty matrix")
+                where = safe_label(h.name) or "<unnamed variable>"
                 var = V5Variable(
                     h.name, pos, 8 + count, mdtype == miCOMPRESSED, h.mclass, h.class_name, h.dims
                 )
@@ -562,74 +438,14 @@ def scan_v5(path: str | os.PathLike, wanted: Any = None) -> V5Scan:
                     sc.charge(OBJECT_OVERHEAD, where)
                     sc.walk(src, h, where)
                     if not src.exhausted():
-                        raise _Malformed("data after the matrix inside its element")
+                        raise Malformed("data after the matrix inside its element")
                     var.scanned, var.nbytes = True, sc.total - before
                 seen.add(h.name)
                 scan.variables.append(var)
-            except _MalformedAt as err:
-                raise _fail(spath, err.args[0]) from None
-            except _Malformed as err:
-                raise _fail(spath, f"{where}: {err.args[0]}") from None
+            except MalformedAt as err:
+                raise unreadable(spath, err.args[0]) from None
+            except Malformed as err:
+                raise unreadable(spath, f"{where}: {err.args[0]}") from None
             pos = end
         scan.total_bytes = sc.total
         return scan
-
-
-# --------------------------------------------------------------------------- for scipy
-
-
-class SegmentReader(io.RawIOBase):
-    """A read-only, seekable file made of ``head`` followed by byte ranges of the file
-    at ``path``: what scipy.io.loadmat is given instead of the whole file."""
-
-    def __init__(self, path: str | os.PathLike, head: bytes, segments: list[tuple[int, int]]):
-        super().__init__()
-        self._fh = open(path, "rb")
-        self._parts: list[tuple[int, int, int | None, bytes]] = []  # (start, length, file offset, bytes)
-        at = 0
-        self._parts.append((0, len(head), None, head))
-        at = len(head)
-        for offset, length in segments:
-            self._parts.append((at, length, offset, b""))
-            at += length
-        self._size = at
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        n = 0
-        while n < len(view) and self._pos < self._size:
-            for start, length, offset, data in self._parts:
-                if start <= self._pos < start + length:
-                    k = min(len(view) - n, start + length - self._pos)
-                    if offset is None:
-                        view[n : n + k] = data[self._pos - start : self._pos - start + k]
-                    else:
-                        self._fh.seek(offset + self._pos - start)
-                        got = self._fh.readinto(view[n : n + k])
-                        if not got:
-                            return n
-                        k = got
-                    n += k
-                    self._pos += k
-                    break
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._fh.close()
-        super().close()

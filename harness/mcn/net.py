@@ -12,13 +12,24 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from harness.mcn.options import McnError
+from harness.mcn.options import McnError, is_empty
 
-__all__ = ["Layer", "Net", "matlab_field", "python_field"]
+__all__ = [
+    "LAYER_TYPES",
+    "Layer",
+    "Net",
+    "layer_errors",
+    "layer_field",
+    "layer_weight",
+    "matlab_field",
+    "python_field",
+    "unknown_type",
+]
 
 # Layer types the reference runs (vl_simplenn's switch); 'lrn' is an alias of 'normalize'.
 LAYER_TYPES = (
@@ -167,6 +178,59 @@ class Net:
     def __repr__(self) -> str:
         body = "\n".join(f"  {i + 1:2d} {l.type:<12} {l.name}" for i, l in enumerate(self.layers))
         return f"Net({len(self.layers)} layers)\n{body}"
+
+
+# ------------------------------------------------------------------ a layer's fields, checked
+
+
+def layer_field(layer: Layer, i: int, key: str) -> Any:
+    """Field ``key`` of layer ``i`` (0-based), which vl_simplenn needs: McnError naming the
+    layer and the MatConvNet field when it is missing."""
+    if not layer.has(key):
+        hint = " (the labels: pass labels= to vl_simplenn)" if key == "class_" else ""
+        raise McnError(
+            f"layer {i + 1} '{layer.name}' ({layer.type}): missing field '{matlab_field(key)}'{hint}"
+        )
+    return layer.get(key)
+
+
+def layer_weight(layer: Layer, i: int, j: int) -> np.ndarray | None:
+    """``weights{j+1}`` of layer ``i`` as an array, None when empty (MATLAB's ``[]``)."""
+    if len(layer.weights) <= j:
+        raise McnError(
+            f"layer {i + 1} '{layer.name}' ({layer.type}): Expected field 'weights' to have at least {j + 1} "
+            f"entries. Received {len(layer.weights)}"
+        )
+    w = layer.weights[j]
+    return None if is_empty(w) else np.asarray(w)
+
+
+def unknown_type(layer: Layer, i: int) -> McnError:
+    """The error for a layer whose type vl_simplenn does not run."""
+    return McnError(
+        f"layer {i + 1} '{layer.name}': Expected field 'type' to be one of {', '.join(LAYER_TYPES)}. "
+        f"Received type={layer.type!r}"
+    )
+
+
+@contextmanager
+def layer_errors(layer: Layer, i: int) -> Iterator[None]:
+    """Make the errors raised inside name layer ``i``: an McnError gets the prefix
+    ``layer 3 'conv2' (conv): `` (unless it names a layer already), and a malformed field
+    value (TypeError, ValueError, OverflowError, IndexError from NumPy) becomes one."""
+    try:
+        yield
+    except McnError as err:
+        raise _located(err, layer, i) from None
+    except (TypeError, ValueError, OverflowError, IndexError) as err:  # a malformed field
+        raise _located(McnError(f"invalid field value ({type(err).__name__}: {err})"), layer, i) from None
+
+
+def _located(err: McnError, layer: Layer, i: int) -> McnError:
+    msg = str(err)
+    if msg.startswith("layer "):
+        return err
+    return McnError(f"layer {i + 1} '{layer.name}' ({layer.type}): {msg}")
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "is_empty",
     "pad4",
     "pair",
+    "positive_integer",
 ]
 
 
@@ -129,6 +130,13 @@ def pair(value: Any, name: str, minimum: int = 1) -> tuple[int, int]:
     if min(v) < minimum:
         raise McnError(f"Expected {name} >= {minimum}. Received {name}={value!r}")
     return v  # type: ignore[return-value]
+
+
+def positive_integer(value: Any, name: str) -> int:
+    """A MatConvNet count option (``numGroups``): one integer >= 1."""
+    if np.size(value) != 1:
+        raise McnError(f"Expected {name} to be a positive integer. Received {name}={value!r}")
+    return pair(value, name)[0]
 
 
 def pad4(value: Any, name: str = "pad") -> tuple[int, int, int, int]:

@@ -6,18 +6,17 @@ number of real cells in the clipped window. The reference loops over the few poo
 taps only; every tap is one strided slice of the input against a sub-range of the
 output grid, so the padded cells are simply never visited. The work is split along the
 flattened channel-and-image axis among the cores, in cache-sized blocks when windows
-overlap (``_run_blocks``).
+overlap (harness.mcn.kernels.pool_blocks).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from harness.mcn.geometry import pool_output_size
+from harness.mcn.kernels.pool_blocks import run_blocks
 from harness.mcn.options import McnError, as_4d, check_budget, float_dtype, pad4, pair
 
 __all__ = ["vl_nnpool"]
@@ -56,97 +55,6 @@ def _clipped_counts(n_in: int, n_out: int, pad_before: int, stride: int, size: i
     """Number of real cells in each clipped window along one axis (nnpooling.cpp's y2 - y1)."""
     first = np.arange(n_out) * stride - pad_before
     return np.minimum(first + size, n_in) - np.maximum(first, 0)
-
-
-# Each kernel works on blocks of the flattened channel-and-image axis whose buffers fit in
-# about this many bytes, so the per-tap passes re-read cached data instead of memory.
-_BLOCK_BYTES = 4 << 20
-# Below this many elements the ops run on the calling thread only.
-_PARALLEL_MIN = 1 << 16
-_executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (owning process id, workers, executor)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
-
-
-def _map(fn: Callable[[Any], None], items: list[Any]) -> None:
-    """``fn`` over ``items`` on a pool of one thread per item (numpy releases the GIL in its loops)."""
-    global _executor
-    if len(items) < 2:
-        for item in items:
-            fn(item)
-        return
-    # A forked child inherits the executor object but not its threads: make a new one.
-    if _executor is None or _executor[0] != os.getpid() or _executor[1] < len(items):
-        _executor = (os.getpid(), len(items), ThreadPoolExecutor(len(items), thread_name_prefix="mcn-pool"))
-    for _ in _executor[2].map(fn, items):
-        pass
-
-
-def _run_blocks(
-    kernel: Callable[..., None],
-    ins: tuple[np.ndarray, ...],
-    outs: tuple[np.ndarray, ...],
-    scratch: tuple[tuple[tuple[int, int], np.dtype], ...],
-    *,
-    overlap: bool,
-) -> None:
-    """Apply ``kernel(*ins, *outs, *scratch)`` to parts of the last axis of 3-D ``(H, W, C*N)`` arrays.
-
-    Pixels and images are independent, so each core takes its own part of the flattened
-    channel-and-image axis. ``scratch`` gives the (H, W) and dtype of per-part work buffers.
-    When the windows ``overlap`` every input cell is read by several taps, and the parts
-    are blocks of about ``_BLOCK_BYTES`` copied into compact buffers first: a block of a
-    wide array is hundreds of short runs a power of two apart, which the caches hold
-    badly, while in a compact buffer every per-tap pass re-reads cached data. Otherwise
-    each tap reads its cells once and the kernel runs on the arrays themselves.
-    """
-    cn = ins[0].shape[2]
-    col_bytes = sum(a.shape[0] * a.shape[1] * a.itemsize for a in ins + outs)
-    col_bytes += sum(hw[0] * hw[1] * np.dtype(dt).itemsize for hw, dt in scratch)
-    workers = min(_cores(), cn)
-    if min(a.size for a in ins + outs) < _PARALLEL_MIN:
-        workers = 1
-    width = _BLOCK_BYTES // max(1, col_bytes) if overlap else -(-cn // workers)
-    if cn <= width or workers == 1 and not overlap or min(a.size for a in ins + outs) == 0:
-        kernel(*ins, *outs, *(np.empty((*hw, cn), dt) for hw, dt in scratch))
-        return
-    # As many blocks for each worker; buffered blocks are whole cache lines (multiples of
-    # 16 numbers) wide, but for the last one.
-    nblocks = -(-cn // (max(1, width) * workers)) * workers
-    if overlap and cn >= 16 * nblocks:
-        width = -(-cn // nblocks // 16) * 16
-        blocks = [slice(lo, min(lo + width, cn)) for lo in range(0, cn, width)]
-    else:
-        blocks = [slice(cn * q // nblocks, cn * (q + 1) // nblocks) for q in range(nblocks)]
-        width = -(-cn // nblocks)
-    shapes = [a.shape[:2] for a in ins + outs] + [hw for hw, _ in scratch]
-    dtypes = [a.dtype for a in ins + outs] + [np.dtype(dt) for _, dt in scratch]
-
-    def work(part: list[slice]) -> None:
-        first = 0 if overlap else len(ins + outs)  # without overlap only scratch is buffered
-        flat = [
-            np.empty(hw[0] * hw[1] * width, dt) for hw, dt in zip(shapes[first:], dtypes[first:], strict=True)
-        ]
-        for b in part:
-            n = b.stop - b.start  # contiguous (H, W, n) buffers, also for a narrower last block
-            views = [
-                f[: hw[0] * hw[1] * n].reshape(*hw, n) for f, hw in zip(flat, shapes[first:], strict=True)
-            ]
-            if not overlap:
-                kernel(*(a[:, :, b] for a in ins + outs), *views)
-                continue
-            for a, v in zip(ins, views, strict=False):
-                np.copyto(v, a[:, :, b])
-            kernel(*views)
-            for a, v in zip(outs, views[len(ins) :], strict=False):
-                np.copyto(a[:, :, b], v)
-
-    _map(work, [blocks[k::workers] for k in range(workers)])
 
 
 def _max_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap]) -> None:
@@ -222,18 +130,7 @@ def _options(x: Any, pool: Any, method: str, pad: Any, stride: Any):
     pt, pb, pl, pr = pad4(pad, "pad")
     if not isinstance(method, str) or method.lower() not in _METHODS:
         raise McnError(f"Expected method to be one of {list(_METHODS)}. Received method={method!r}")
-    if max(pt, pb) >= ph or max(pl, pr) >= pw:
-        raise McnError(
-            "Expected every pad to be smaller than the pool size on its axis (pad < pool). "
-            f"Received pad={[pt, pb, pl, pr]}, pool={[ph, pw]}"
-        )
-    h, w = x.shape[:2]
-    if h + pt + pb < ph or w + pl + pr < pw:
-        raise McnError(
-            "Expected the pooling window to fit in the padded input. "
-            f"Received pool={[ph, pw]} with x.shape={x.shape} and pad={[pt, pb, pl, pr]}"
-        )
-    out = ((h + pt + pb - ph) // sy + 1, (w + pl + pr - pw) // sx + 1)
+    out = pool_output_size(x.shape, (ph, pw), (pt, pb, pl, pr), (sy, sx))[:2]
     # the output, and a window of ph * pw cells read for each of its elements
     check_budget(dt.itemsize * out[0] * out[1] * x.shape[2] * x.shape[3], f"pool={[ph, pw]}: the output")
     check_budget(
@@ -287,9 +184,9 @@ def vl_nnpool(
         y = np.empty(out_shape, dt)
         y3 = y.reshape(out + (cn,))
         if method == "max":
-            _run_blocks(lambda x_, y_: _max_forward(x_, y_, taps), (x3,), (y3,), (), overlap=overlap)
+            run_blocks(lambda x_, y_: _max_forward(x_, y_, taps), (x3,), (y3,), (), overlap=overlap)
         else:
-            _run_blocks(lambda x_, y_: _avg_forward(x_, y_, taps, scale), (x3,), (y3,), (), overlap=overlap)
+            run_blocks(lambda x_, y_: _avg_forward(x_, y_, taps, scale), (x3,), (y3,), (), overlap=overlap)
         return y
 
     dzdy = as_4d(dzdy, "dzdy", dtype=dt)
@@ -303,9 +200,9 @@ def vl_nnpool(
     if method == "max":
         win_dt = np.dtype(np.uint8 if len(taps) < 256 else np.uint32)
         scratch = ((out, dt), (out, win_dt), (out, np.dtype(bool)))
-        _run_blocks(lambda *a: _max_backward(*a, taps), (x3, dzdy3), (dzdx3,), scratch, overlap=overlap)
+        run_blocks(lambda *a: _max_backward(*a, taps), (x3, dzdy3), (dzdx3,), scratch, overlap=overlap)
     else:
-        _run_blocks(
+        run_blocks(
             lambda g_, d_, s_: _avg_backward(g_, d_, s_, taps, scale),
             (dzdy3,),
             (dzdx3,),

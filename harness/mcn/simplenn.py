@@ -16,7 +16,7 @@ import numpy as np
 from harness.mcn.bnorm import vl_nnbnorm
 from harness.mcn.conv import vl_nnconv, vl_nnconvt
 from harness.mcn.loss import vl_nnloss, vl_nnsoftmaxloss
-from harness.mcn.net import LAYER_TYPES, Layer, Net, matlab_field
+from harness.mcn.net import Layer, Net, layer_errors, layer_field, layer_weight, matlab_field, unknown_type
 from harness.mcn.normalize import vl_nnnormalize
 from harness.mcn.options import McnError, as_4d, check_budget, float_dtype, is_empty
 from harness.mcn.pointwise import vl_nndropout, vl_nnrelu, vl_nnsigmoid, vl_nnsoftmax
@@ -228,29 +228,27 @@ class Res:
     aux: Any = None
 
 
-def _field(layer: Layer, i: int, key: str) -> Any:
-    if not layer.has(key):
-        hint = " (the labels: pass labels= to vl_simplenn)" if key == "class_" else ""
-        raise McnError(
-            f"layer {i + 1} '{layer.name}' ({layer.type}): missing field '{matlab_field(key)}'{hint}"
-        )
-    return layer.get(key)
-
-
-def _weight(layer: Layer, i: int, j: int) -> np.ndarray | None:
-    if len(layer.weights) <= j:
-        raise McnError(
-            f"layer {i + 1} '{layer.name}' ({layer.type}): Expected field 'weights' to have at least {j + 1} "
-            f"entries. Received {len(layer.weights)}"
-        )
-    w = layer.weights[j]
-    return None if is_empty(w) else np.asarray(w)
-
-
 def _cast(w: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
     # MatConvNet requires data and parameters of one class; a double net fed single data
     # is an error there. We cast parameters to the data's class so both precisions run.
     return None if w is None else np.asarray(w).astype(dtype, copy=False)
+
+
+def _weights(layer: Layer, i: int, dt: np.dtype) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The first two weights (filters and biases, or bnorm's gains and biases) in the data's class."""
+    return _cast(layer_weight(layer, i, 0), dt), _cast(layer_weight(layer, i, 1), dt)
+
+
+def _options(layer: Layer, i: int) -> dict[str, Any]:
+    """The options vl_simplenn passes to vl_nnconv, vl_nnconvt or vl_nnpool."""
+    if layer.type == "conv":
+        pad, stride = layer_field(layer, i, "pad"), layer_field(layer, i, "stride")
+        return {"pad": pad, "stride": stride, "dilate": layer.get("dilate", 1)}
+    if layer.type == "convt":
+        keys = ("crop", "upsample", "num_groups")
+        return {key: layer_field(layer, i, key) for key in keys}
+    pad, stride = layer_field(layer, i, "pad"), layer_field(layer, i, "stride")
+    return {"pad": pad, "stride": stride, "method": layer.get("method", "max")}
 
 
 def _forward(
@@ -259,40 +257,20 @@ def _forward(
     t = layer.type
     dt = x.dtype
     if t == "conv":
-        y = vl_nnconv(
-            x,
-            _cast(_weight(layer, i, 0), dt),
-            _cast(_weight(layer, i, 1), dt),
-            pad=_field(layer, i, "pad"),
-            stride=_field(layer, i, "stride"),
-            dilate=layer.get("dilate", 1),
-        )
+        y = vl_nnconv(x, *_weights(layer, i, dt), **_options(layer, i))
     elif t == "convt":
-        y = vl_nnconvt(
-            x,
-            _cast(_weight(layer, i, 0), dt),
-            _cast(_weight(layer, i, 1), dt),
-            crop=_field(layer, i, "crop"),
-            upsample=_field(layer, i, "upsample"),
-            num_groups=_field(layer, i, "num_groups"),
-        )
+        y = vl_nnconvt(x, *_weights(layer, i, dt), **_options(layer, i))
     elif t == "pool":
-        y = vl_nnpool(
-            x,
-            _field(layer, i, "pool"),
-            pad=_field(layer, i, "pad"),
-            stride=_field(layer, i, "stride"),
-            method=layer.get("method", "max"),
-        )
+        y = vl_nnpool(x, layer_field(layer, i, "pool"), **_options(layer, i))
     elif t in ("normalize", "lrn"):
-        y = vl_nnnormalize(x, _field(layer, i, "param"), exact=lrn_exact)
+        y = vl_nnnormalize(x, layer_field(layer, i, "param"), exact=lrn_exact)
     elif t == "softmax":
         y = vl_nnsoftmax(x)
     elif t == "loss":
         # vl_simplenn calls vl_nnloss(x, l.class) with no options: softmaxlog, always.
-        y = vl_nnloss(x, _field(layer, i, "class_"), dialect=dialect)
+        y = vl_nnloss(x, layer_field(layer, i, "class_"), dialect=dialect)
     elif t == "softmaxloss":
-        y = vl_nnsoftmaxloss(x, _field(layer, i, "class_"), dialect=dialect)
+        y = vl_nnsoftmaxloss(x, layer_field(layer, i, "class_"), dialect=dialect)
     elif t == "relu":
         y = vl_nnrelu(x, leak=_leak(layer))
     elif t == "sigmoid":
@@ -300,20 +278,17 @@ def _forward(
     elif t == "dropout":
         if test_mode:
             return x, None
-        rate = _field(layer, i, "rate")
+        rate = layer_field(layer, i, "rate")
         return vl_nndropout(x, rate=rate, mask=mask, rng=rng, return_mask=True)
     elif t == "bnorm":
-        g, b = _cast(_weight(layer, i, 0), dt), _cast(_weight(layer, i, 1), dt)
-        eps = _field(layer, i, "epsilon")
+        g, b = _weights(layer, i, dt)
+        eps = layer_field(layer, i, "epsilon")
         if test_mode:
-            y = vl_nnbnorm(x, g, b, moments=_cast(_weight(layer, i, 2), dt), epsilon=eps)
+            y = vl_nnbnorm(x, g, b, moments=_cast(layer_weight(layer, i, 2), dt), epsilon=eps)
         else:
             y = vl_nnbnorm(x, g, b, epsilon=eps)
     else:
-        raise McnError(
-            f"layer {i + 1} '{layer.name}': Expected field 'type' to be one of {', '.join(LAYER_TYPES)}. "
-            f"Received type={t!r}"
-        )
+        raise unknown_type(layer, i)
     return y, None
 
 
@@ -329,32 +304,12 @@ def _backward(layer: Layer, i: int, res: list[Res], test_mode: bool, dialect: st
     t = layer.type
     x, dzdy = res[i].x, res[i + 1].dzdx
     dt = x.dtype
-    if t == "conv":
-        dzdx, dzdf, dzdb = vl_nnconv(
-            x,
-            _cast(_weight(layer, i, 0), dt),
-            _cast(_weight(layer, i, 1), dt),
-            dzdy,
-            pad=layer.pad,
-            stride=layer.stride,
-            dilate=layer.get("dilate", 1),
-        )
-        return dzdx, [dzdf, dzdb]
-    if t == "convt":
-        dzdx, dzdf, dzdb = vl_nnconvt(
-            x,
-            _cast(_weight(layer, i, 0), dt),
-            _cast(_weight(layer, i, 1), dt),
-            dzdy,
-            crop=layer.crop,
-            upsample=layer.upsample,
-            num_groups=layer.num_groups,
-        )
+    if t in ("conv", "convt"):
+        op = vl_nnconv if t == "conv" else vl_nnconvt
+        dzdx, dzdf, dzdb = op(x, *_weights(layer, i, dt), dzdy, **_options(layer, i))
         return dzdx, [dzdf, dzdb]
     if t == "pool":
-        return vl_nnpool(
-            x, layer.pool, dzdy, pad=layer.pad, stride=layer.stride, method=layer.get("method", "max")
-        ), []
+        return vl_nnpool(x, layer.pool, dzdy, **_options(layer, i)), []
     if t in ("normalize", "lrn"):
         return vl_nnnormalize(x, layer.param, dzdy, exact=lrn_exact), []
     if t == "softmax":
@@ -374,7 +329,7 @@ def _backward(layer: Layer, i: int, res: list[Res], test_mode: bool, dialect: st
     if t == "bnorm":
         # Quirk kept: the backward pass never passes 'moments', so even in test mode the
         # derivatives are those of batch statistics.
-        g, b = _cast(_weight(layer, i, 0), dt), _cast(_weight(layer, i, 1), dt)
+        g, b = _weights(layer, i, dt)
         dzdx, dzdg, dzdb, dzdm = vl_nnbnorm(x, g, b, dzdy, epsilon=layer.epsilon)
         if dialect == "beta25":
             # beta25: "multiply the moments update by the number of images in the batch".
@@ -429,33 +384,18 @@ def vl_simplenn(
     backward = not (dzdy is None or is_empty(dzdy))
     held = x.nbytes
     for i, layer in enumerate(layers):
-        try:
+        with layer_errors(layer, i):
             res[i + 1].x, res[i + 1].aux = _forward(
                 layer, i, res[i].x, test_mode, dialect, rng, masks.get(i), lrn_exact
             )
             held += np.asarray(res[i + 1].x).nbytes
             # the backward pass holds a derivative of every activation as well
             check_budget(held * (2 if backward else 1), "the activations of this batch")
-        except McnError as err:
-            raise _located(err, layer, i) from None
-        except (TypeError, ValueError, OverflowError, IndexError) as err:  # a malformed field
-            raise _located(McnError(f"invalid field value ({type(err).__name__}: {err})"), layer, i) from None
     if not backward:
         return res
     res[n].dzdx = np.asarray(dzdy, dtype=x.dtype) if np.ndim(dzdy) == 0 else as_4d(dzdy, "dzdy", x.dtype)
     for i in range(n - 1, -1, -1):
         layer = layers[i]
-        try:
+        with layer_errors(layer, i):
             res[i].dzdx, res[i].dzdw = _backward(layer, i, res, test_mode, dialect, lrn_exact)
-        except McnError as err:
-            raise _located(err, layer, i) from None
-        except (TypeError, ValueError, OverflowError, IndexError) as err:  # a malformed field
-            raise _located(McnError(f"invalid field value ({type(err).__name__}: {err})"), layer, i) from None
     return res
-
-
-def _located(err: McnError, layer: Layer, i: int) -> McnError:
-    msg = str(err)
-    if msg.startswith("layer "):
-        return err
-    return McnError(f"layer {i + 1} '{layer.name}' ({layer.type}): {msg}")

@@ -1,9 +1,9 @@
 """cnn_train: MatConvNet's SGD loop, replayed step by step (examples/cnn_train.m).
 
-Owns the parameter update of ``accumulateGradients`` (SGD with momentum, optional Nesterov
-step, the bnorm moments running average) and the ``examples/+solver`` functions (adam,
-rmsprop, adagrad, adadelta), the sub-batch split and gradient accumulation of
-``processEpoch``, and the training statistics (objective, ``error_multiclass``) in both
+Owns the sub-batch split and gradient accumulation of ``processEpoch``, the training
+statistics (objective, ``error_multiclass``) and the state that carries from step to step;
+the parameter update (``accumulateGradients`` and the ``examples/+solver`` functions) is
+harness.mcn.solvers, the options (``TrainOpts``) harness.mcn.train_options. Both
 dialects: ``"master"`` (commit 1e5ae7b7) divides gradients by the number of workers
 (= ``numSubBatches`` on one CPU), ``"beta25"`` (tag v1.0-beta25) by the batch size.
 
@@ -18,247 +18,39 @@ dict mirroring the MATLAB struct (adam: ``m``, ``v``, ``t``; adadelta: ``g_sqr``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from harness.mcn.net import Net
 from harness.mcn.options import McnError, as_4d, float_dtype, is_empty
-from harness.mcn.simplenn import DIALECTS, vl_simplenn, vl_simplenn_tidy
+from harness.mcn.simplenn import vl_simplenn, vl_simplenn_tidy
+from harness.mcn.solvers import SOLVER_DEFAULTS, SOLVERS, accumulate_gradients, check_multipliers
+from harness.mcn.train_options import (
+    ERROR_FUNCTIONS,
+    ERROR_LABELS,
+    TrainOpts,
+    learning_rate_schedule,
+    real_part,
+)
 
 __all__ = [
     "ERROR_FUNCTIONS",
     "SOLVERS",
     "SOLVER_DEFAULTS",
     "TrainOpts",
+    "check_multipliers",
     "cnn_train",
     "cnn_train_step",
     "error_multiclass",
+    "fresh_state",
+    "learning_rate_schedule",
     "prepare_net",
+    "real_part",
+    "train_batch",
 ]
 
-# examples/+solver/<name>.m called without arguments returns these default options.
-SOLVER_DEFAULTS: dict[str, dict[str, float]] = {
-    "adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-    "rmsprop": {"epsilon": 1e-8, "rho": 0.99},
-    "adagrad": {"epsilon": 1e-10, "rho": 1.0},
-    "adadelta": {"epsilon": 1e-6, "rho": 0.9},
-}
-SOLVERS = tuple(SOLVER_DEFAULTS)
-ERROR_FUNCTIONS = ("multiclass", "binary", "none")
-# cnn_train's default errorLabels per errorFunction: the statistics' names.
-_ERROR_LABELS = {"multiclass": ["top1err", "top5err"], "binary": ["binerr"], "none": []}
-
-# cnn_train options that do not change the replayed numbers (I/O, plotting, shuffling,
-# epoch bookkeeping, device settings); from_matconvnet accepts and ignores them.
-_IGNORED_OPTIONS = frozenset(
-    {
-        "expDir",
-        "continue",
-        "train",
-        "val",
-        "epochSize",
-        "prefetch",
-        "numEpochs",
-        "saveSolverState",
-        "randomSeed",
-        "memoryMapFile",
-        "profile",
-        "parameterServer",
-        "conserveMemory",
-        "sync",
-        "cudnn",
-        "errorLabels",
-        "plotDiagnostics",
-        "plotStatistics",
-    }
-)
-_MAPPED_OPTIONS = {
-    "momentum": "momentum",
-    "weightDecay": "weight_decay",
-    "nesterovUpdate": "nesterov_update",
-    "solver": "solver",
-    "solverOpts": "solver_opts",
-    "numSubBatches": "num_sub_batches",
-    "batchSize": "batch_size",
-    "learningRate": "learning_rate",
-    "errorFunction": "error_function",
-}
-
-
-# ----------------------------------------------------------------------------- options
-
-
-def _real(value: Any, name: str) -> float:
-    try:
-        v = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        v = np.asarray([np.nan])
-    if v.size != 1 or not np.isfinite(v).all() or isinstance(value, bool):
-        raise McnError(f"Expected {name} to be a finite real number. Received {name}={value!r}")
-    return float(v.ravel()[0])
-
-
-def _count(value: Any, name: str) -> int:
-    v = _real(value, name)
-    if v != round(v) or v < 1:
-        raise McnError(f"Expected {name} to be a positive integer. Received {name}={value!r}")
-    return int(v)
-
-
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    v = _real(value, name)
-    if v not in (0.0, 1.0):
-        raise McnError(f"Expected {name} to be a boolean (or 0/1). Received {name}={value!r}")
-    return bool(v)
-
-
-def _solver_name(value: Any) -> str | None:
-    """``[]``/``''``/None mean cnn_train's built-in SGD; ``@solver.adam``, ``solver.adam``
-    and ``adam`` all name examples/+solver/adam.m."""
-    if value is None or (not isinstance(value, str) and is_empty(value)):
-        return None
-    if isinstance(value, str):
-        name = value.strip()
-        if not name:
-            return None
-        name = name.removeprefix("@").removeprefix("solver.")
-        if name in SOLVERS:
-            return name
-    raise McnError(
-        f"Expected solver to be None (SGD with momentum) or one of {list(SOLVERS)}. Received solver={value!r}"
-    )
-
-
-@dataclass
-class TrainOpts:
-    """cnn_train's options that shape the update (MatConvNet names in snake_case).
-
-    ``momentum`` 0.9, ``weight_decay`` 0.0005, ``nesterov_update`` False: cnn_train's
-    defaults. ``solver``: None (built-in SGD with momentum) or an examples/+solver name;
-    ``solver_opts`` overrides that solver's options by MatConvNet's names (adam: beta1,
-    beta2, eps; rmsprop/adagrad/adadelta: epsilon, rho), merged into its defaults as
-    vl_argparse does. ``num_sub_batches``: each batch is processed in this many interleaved
-    sub-batches whose gradients are summed. ``batch_size``: None = the images given to a
-    step make one batch; otherwise a step refuses more images than that. ``learning_rate``:
-    a scalar or a per-epoch schedule (cnn_train default 0.001), used when no explicit rate
-    or schedule is passed. ``error_function``: 'multiclass' (top1err/top5err), 'binary'
-    (binerr) or 'none'. ``dialect``: 'master' or 'beta25'.
-    """
-
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    nesterov_update: bool = False
-    solver: str | None = None
-    solver_opts: dict[str, float] = field(default_factory=dict)
-    num_sub_batches: int = 1
-    dialect: str = "master"
-    batch_size: int | None = None
-    learning_rate: Any = 0.001
-    error_function: str = "multiclass"
-
-    def __post_init__(self) -> None:
-        self.momentum = _real(self.momentum, "momentum")
-        self.weight_decay = _real(self.weight_decay, "weight_decay")
-        self.nesterov_update = _flag(self.nesterov_update, "nesterov_update")
-        self.solver = _solver_name(self.solver)
-        if not isinstance(self.solver_opts, dict):
-            raise McnError(f"Expected solver_opts to be a dict. Received solver_opts={self.solver_opts!r}")
-        if self.solver_opts:
-            if self.solver is None:
-                # cnn_train only declares solverOpts when a solver is given: vl_argparse then
-                # rejects 'solverOpts' as an unknown parameter.
-                raise McnError(
-                    "Expected solver_opts to be empty when solver is None (SGD). "
-                    f"Received solver_opts={self.solver_opts!r}"
-                )
-            known = SOLVER_DEFAULTS[self.solver]
-            unknown = sorted(set(self.solver_opts) - set(known))
-            if unknown:
-                raise McnError(
-                    f"Expected solver_opts keys among {list(known)} for solver={self.solver!r}. "
-                    f"Received solver_opts={self.solver_opts!r}"
-                )
-            self.solver_opts = {k: _real(v, f"solver_opts[{k!r}]") for k, v in self.solver_opts.items()}
-        self.num_sub_batches = _count(self.num_sub_batches, "num_sub_batches")
-        if self.dialect not in DIALECTS:
-            raise McnError(
-                f"Expected dialect to be one of {list(DIALECTS)}. Received dialect={self.dialect!r}"
-            )
-        if self.batch_size is not None:
-            self.batch_size = _count(self.batch_size, "batch_size")
-        self.learning_rate = _schedule(self.learning_rate, "learning_rate")
-        if self.error_function not in ERROR_FUNCTIONS:
-            raise McnError(
-                f"Expected error_function to be one of {list(ERROR_FUNCTIONS)}. "
-                f"Received error_function={self.error_function!r}"
-            )
-
-    @property
-    def solver_options(self) -> dict[str, float]:
-        """The solver's options: its defaults overridden by ``solver_opts``."""
-        if self.solver is None:
-            return {}
-        return {**SOLVER_DEFAULTS[self.solver], **self.solver_opts}
-
-    @classmethod
-    def from_matconvnet(cls, opts: dict[str, Any], *, dialect: str = "master") -> TrainOpts:
-        """Build from cnn_train's name/value options (``batchSize``, ``numSubBatches``,
-        ``learningRate``, ``weightDecay``, ``momentum``, ``nesterovUpdate``, ``solver``,
-        ``solverOpts``, ``errorFunction``). Options that do not affect the update
-        (``expDir``, ``numEpochs``, ``epochSize``, plotting ...) are ignored; more than one
-        GPU, a finite ``backPropDepth`` or a ``postEpochFn`` are not reproduced and raise."""
-        if not isinstance(opts, dict):
-            raise McnError(f"Expected opts to be a dict of cnn_train options. Received opts={opts!r}")
-        kwargs: dict[str, Any] = {"dialect": dialect}
-        for key, value in opts.items():
-            if key in _MAPPED_OPTIONS:
-                if key == "solverOpts" and not isinstance(value, dict) and is_empty(value):
-                    continue
-                kwargs[_MAPPED_OPTIONS[key]] = value
-            elif key == "gpus":
-                if np.size(value) > 1:
-                    raise McnError(
-                        f"Expected gpus to list at most one GPU (one worker). Received gpus={value!r}"
-                    )
-            elif key == "backPropDepth":
-                if np.isfinite(_real(value, "backPropDepth")):
-                    raise McnError(f"Expected backPropDepth to be inf. Received backPropDepth={value!r}")
-            elif key == "postEpochFn":
-                if not is_empty(value):
-                    raise McnError(f"Expected postEpochFn to be empty. Received postEpochFn={value!r}")
-            elif key not in _IGNORED_OPTIONS:
-                raise McnError(f"Expected a cnn_train option name. Received opts[{key!r}]={value!r}")
-        return cls(**kwargs)
-
-
-def _schedule(value: Any, name: str) -> np.ndarray:
-    try:
-        a = np.asarray(value, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        a = np.asarray([np.nan])
-    if a.size == 0 or not np.isfinite(a).all():
-        raise McnError(
-            f"Expected {name} to be a finite number or a non-empty vector of them. Received {name}={value!r}"
-        )
-    return a
-
-
 # ------------------------------------------------------------------------- preparation
-
-
-def _multipliers(layer: Any, key: str) -> np.ndarray:
-    value = layer.get(key)
-    try:
-        return np.asarray(value, dtype=np.float64).ravel(order="F")
-    except (TypeError, ValueError):
-        raise McnError(
-            f"layer '{layer.name}' ({layer.type}): Expected field '{key}' to be numeric. "
-            f"Received {key}={value!r}"
-        ) from None
 
 
 def prepare_net(net: Net, dtype: Any = None) -> Net:
@@ -284,14 +76,14 @@ def prepare_net(net: Net, dtype: Any = None) -> Net:
     return net
 
 
-def _fresh_state(net: Net) -> dict[str, Any]:
+def fresh_state(net: Net) -> dict[str, Any]:
     # processEpoch: state.solverState{i} = cell(1, numel(weights)) filled with 0.
     return {"solverState": [[0] * len(layer.weights) for layer in net.layers]}
 
 
 def _copy_state(state: Any, net: Net) -> dict[str, Any]:
     if state is None:
-        return _fresh_state(net)
+        return fresh_state(net)
     if not isinstance(state, dict):
         raise McnError(f"Expected state to be None or a dict with 'solverState'. Received state={state!r}")
     solver_state = state.get("solverState")
@@ -300,7 +92,7 @@ def _copy_state(state: Any, net: Net) -> dict[str, Any]:
         or (not isinstance(solver_state, list) and is_empty(solver_state))
         or (isinstance(solver_state, list) and not solver_state)
     ):
-        return {**state, "solverState": _fresh_state(net)["solverState"]}
+        return {**state, "solverState": fresh_state(net)["solverState"]}
     if not isinstance(solver_state, list) or len(solver_state) != len(net.layers):
         raise McnError(
             f"Expected state['solverState'] to be a list with one entry per layer ({len(net.layers)}). "
@@ -390,125 +182,6 @@ def _batch_errors(opts: TrainOpts, res: list, labels: Any, n: int) -> np.ndarray
     return np.array([objective])
 
 
-# ------------------------------------------------------------------------------ update
-
-
-def _taccum(alpha: float, a: Any, beta: float, b: Any, dt: np.dtype) -> Any:
-    """vl_taccum: ``alpha * a + beta * b`` (scal then axpy in the data's precision)."""
-    return dt.type(alpha) * a + dt.type(beta) * b
-
-
-def _is_fresh(s: Any) -> bool:
-    # MATLAB's isequal(state, 0).
-    return not isinstance(s, dict) and np.ndim(s) == 0 and float(s) == 0.0
-
-
-def _solver_step(
-    name: str, w: np.ndarray, s: Any, g: np.ndarray, o: dict[str, float], lr: float, dt: np.dtype
-) -> tuple[np.ndarray, Any]:
-    """examples/+solver/<name>.m: ``[w, state] = solver(w, state, grad, opts, lr)``."""
-    c = dt.type
-    if name == "adam":
-        if _is_fresh(s):
-            s = {"m": 0, "v": 0, "t": 0}
-        elif not isinstance(s, dict) or not {"m", "v", "t"} <= set(s):
-            raise McnError(f"Expected the adam state to be 0 or a dict with m, v, t. Received state={s!r}")
-        m = c(o["beta1"]) * s["m"] + c(1 - o["beta1"]) * g
-        v = c(o["beta2"]) * s["v"] + c(1 - o["beta2"]) * g**2
-        t = float(s["t"]) + 1
-        lr_t = lr * (((1 - o["beta2"] ** t) ** 0.5) / (1 - o["beta1"] ** t))
-        w = w - c(lr_t) * m / (np.sqrt(v) + c(o["eps"]))
-        return w, {"m": m, "v": v, "t": t}
-    if name in ("rmsprop", "adagrad"):
-        if isinstance(s, dict):
-            raise McnError(f"Expected the {name} state to be 0 or an array. Received state={s!r}")
-        if name == "rmsprop":
-            g_sqr = s * c(o["rho"]) + g**2 * c(1 - o["rho"])
-        else:
-            g_sqr = s * c(o["rho"]) + g**2
-        w = w - c(lr) * g / (np.sqrt(g_sqr) + c(o["epsilon"]))
-        return w, g_sqr
-    # adadelta sets its own step: the learning rate is ignored.
-    if _is_fresh(s):
-        s = {"g_sqr": 0, "delta_sqr": 0}
-    elif not isinstance(s, dict) or not {"g_sqr", "delta_sqr"} <= set(s):
-        raise McnError(
-            f"Expected the adadelta state to be 0 or a dict with g_sqr, delta_sqr. Received state={s!r}"
-        )
-    rho, eps = c(o["rho"]), c(o["epsilon"])
-    g_sqr = s["g_sqr"] * rho + g**2 * c(1 - o["rho"])
-    new_delta = -np.sqrt((s["delta_sqr"] + eps) / (g_sqr + eps)) * g
-    delta_sqr = s["delta_sqr"] * rho + new_delta**2 * c(1 - o["rho"])
-    return w + new_delta, {"g_sqr": g_sqr, "delta_sqr": delta_sqr}
-
-
-def _check_multipliers(net: Net, num_params: list[int]) -> None:
-    """Fail where accumulateGradients would index past learningRate/weightDecay, visiting
-    layers and parameters in its order (last first), before anything is updated."""
-    for i in range(len(net.layers) - 1, -1, -1):
-        layer = net.layers[i]
-        for j in range(num_params[i] - 1, -1, -1):
-            keys = (
-                ("learning_rate",) if j == 2 and layer.type == "bnorm" else ("weight_decay", "learning_rate")
-            )
-            for key in keys:
-                values = _multipliers(layer, key)
-                if values.size <= j:
-                    raise McnError(
-                        f"layer {i + 1} '{layer.name}' ({layer.type}): Expected field '{key}' to have at "
-                        f"least {j + 1} entries (cnn_train reads {key}({j + 1})). "
-                        f"Received {key}={values.tolist()}"
-                    )
-
-
-def _accumulate_gradients(
-    net: Net, dzdw: list[list[Any]], state: dict, opts: TrainOpts, lr: float, batch_size: int, dt: np.dtype
-) -> None:
-    """cnn_train's accumulateGradients, in place on ``net`` and ``state``.
-
-    For parameter j of layer l with ``thisDecay = weightDecay * wd(j)`` and
-    ``thisLR = lr * lr(j)``, skipped unless ``thisLR > 0 || thisDecay > 0``:
-    ``g = dzdw / d + thisDecay * w`` (d = numSubBatches in master, the batch size in
-    beta25), then SGD ``mom = momentum * mom - g``, ``w = w + thisLR * (nesterov ?
-    momentum * mom - g : mom)``, or a solver ``[w, s] = solver(w, s, g, opts, thisLR)``.
-    bnorm moments (j = 3) instead take ``w = (1 - lr(3)) * w + lr(3) / d * dzdw``: the
-    layer's own rate, not multiplied by the global one.
-    """
-    d = opts.num_sub_batches if opts.dialect == "master" else batch_size
-    solver_state = state["solverState"]
-    for i in range(len(net.layers) - 1, -1, -1):
-        layer = net.layers[i]
-        for j in range(len(dzdw[i]) - 1, -1, -1):
-            w = layer.weights[j]
-            der = dzdw[i][j]
-            der = np.zeros((0, 0), dtype=dt) if der is None else np.asarray(der)
-            if der.size != np.size(w):
-                raise McnError(
-                    f"layer {i + 1} '{layer.name}' ({layer.type}): Expected the derivative of "
-                    f"weights[{j}] to have {np.size(w)} elements. Received {der.size}"
-                )
-            der = der.reshape(np.shape(w))
-            lr_j = _multipliers(layer, "learning_rate")
-            if j == 2 and layer.type == "bnorm":
-                this_lr = lr_j[j]
-                layer.weights[j] = _taccum(1 - this_lr, w, this_lr / d, der, dt)
-                continue
-            this_decay = opts.weight_decay * _multipliers(layer, "weight_decay")[j]
-            this_lr = lr * lr_j[j]
-            if not (this_lr > 0 or this_decay > 0):
-                continue
-            g = _taccum(1 / d, der, this_decay, w, dt)
-            if opts.solver is None:
-                mom = _taccum(opts.momentum, solver_state[i][j], -1, g, dt)
-                solver_state[i][j] = mom
-                delta = dt.type(opts.momentum) * mom - g if opts.nesterov_update else mom
-                layer.weights[j] = _taccum(1, w, this_lr, delta, dt)
-            else:
-                layer.weights[j], solver_state[i][j] = _solver_step(
-                    opts.solver, w, solver_state[i][j], g, opts.solver_options, this_lr, dt
-                )
-
-
 # -------------------------------------------------------------------------------- step
 
 
@@ -529,7 +202,7 @@ def _labels_of(labels: Any, n: int) -> tuple[np.ndarray, bool]:
     return lab, False
 
 
-def _train_batch(
+def train_batch(
     net: Net,
     state: dict,
     x: np.ndarray,
@@ -575,8 +248,8 @@ def _train_batch(
         errors = column if errors is None else errors + column
         loss = np.asarray(res[-1].x, dtype=np.float64)
         total += float(np.sum(idx.size * loss) if opts.dialect == "master" else np.sum(loss))
-    _check_multipliers(net, [len(d) for d in dzdw])
-    _accumulate_gradients(net, dzdw, state, opts, lr, n, dt)
+    check_multipliers(net, [len(d) for d in dzdw])
+    accumulate_gradients(net, dzdw, state, opts, lr, n, dt)
     return errors, num, total / num
 
 
@@ -598,7 +271,7 @@ def cnn_train_step(
     dtype); ``state`` None starts every solver state at 0. With ``num_sub_batches`` S,
     sub-batch s (1-based) takes images s, s+S, s+2S, ...; each runs vl_simplenn forward and
     backward (``dzdy = 1``, 'normal' mode) and the parameter derivatives are summed. The
-    update is ``accumulateGradients`` (see ``_accumulate_gradients``). ``learning_rate``
+    update is ``accumulateGradients`` (``harness.mcn.solvers.accumulate_gradients``). ``learning_rate``
     defaults to the first entry of ``opts.learning_rate``. Dropout masks come from ``rng``.
 
     Returns ``(net, state, objective)``, new objects (the inputs are not modified);
@@ -609,11 +282,11 @@ def cnn_train_step(
     opts = TrainOpts() if opts is None else opts
     if not isinstance(opts, TrainOpts):
         raise McnError(f"Expected opts to be a TrainOpts. Received opts={type(opts).__name__}")
-    lr = float(opts.learning_rate[0]) if learning_rate is None else _real(learning_rate, "learning_rate")
+    lr = float(opts.learning_rate[0]) if learning_rate is None else real_part(learning_rate, "learning_rate")
     dt = float_dtype(x, "x")
     net = prepare_net(net, dt)
     state = _copy_state(state, net)
-    _, _, objective = _train_batch(net, state, x, labels, lr, opts, rng)
+    _, _, objective = train_batch(net, state, x, labels, lr, opts, rng)
     return net, state, objective
 
 
@@ -673,7 +346,7 @@ def cnn_train(
     opts = TrainOpts() if opts is None else opts
     if not isinstance(opts, TrainOpts):
         raise McnError(f"Expected opts to be a TrainOpts. Received opts={type(opts).__name__}")
-    lrs = opts.learning_rate if schedule is None else _schedule(schedule, "schedule")
+    lrs = opts.learning_rate if schedule is None else learning_rate_schedule(schedule, "schedule")
     dt = float_dtype(images, "images")
     images = as_4d(images, "images")
     n_all = images.shape[3]
@@ -682,9 +355,7 @@ def cnn_train(
         raise McnError(f"Expected batches to be a list (one entry per epoch). Received batches={batches!r}")
     net = prepare_net(net, dt)
     state = _copy_state(state, net)
-    labels_names = {"multiclass": ["top1err", "top5err"], "binary": ["binerr"], "none": []}[
-        opts.error_function
-    ]
+    labels_names = ERROR_LABELS[opts.error_function]
     history: dict[str, list] = {"objective": [], **{k: [] for k in labels_names}, "num": []}
     for e, entry in enumerate(batches):
         lr = float(lrs[min(e, lrs.size - 1)])
@@ -692,7 +363,7 @@ def cnn_train(
         num = 0
         for idx in _epoch_batches(entry, e, n_all):
             lab = lab_all[:, idx] if per_image else lab_all[..., idx]
-            col, n, _ = _train_batch(net, state, images[..., idx], lab, lr, opts, rng)
+            col, n, _ = train_batch(net, state, images[..., idx], lab, lr, opts, rng)
             errors = col if errors is None else errors + col
             num += n
         if errors is None:

@@ -30,7 +30,7 @@ from harness.io.specs import keras_model_factory as _model_factory
 from harness.io.specs import load_mcn_spec as _load_net
 from harness.io.specs import parse_model_spec as _parse_model_spec
 from harness.io.specs import probe_batch as _probe_batch
-from harness.io.text import safe_text, write_atomic
+from harness.io.text import safe_text
 from harness.mcn import McnError
 
 __all__ = [
@@ -277,19 +277,36 @@ def probe_batch(mcn_net, request: pytest.FixtureRequest):
 
 @pytest.fixture
 def harness_equivalence(request: pytest.FixtureRequest):
-    """``check(net=None, model=None, x=None, labels=None, **kwargs) -> Report``.
+    """``check(net=None, model=None, x=None, labels=None, **options) -> CheckResult``.
 
-    Compares the net with the model (by default the mcn_net, keras_model and
-    probe_batch fixtures) in the configured dtype, mode and dialect (``kwargs``, passed
-    to ``harness.compare``, override them) and fails with the report table when they
-    diverge. With --harness-report the JSON report is written first, pass or fail.
+    ``harness.check`` of the net with the model (by default the mcn_net, keras_model and
+    probe_batch fixtures) in the configured dtype, mode and dialect (``options``
+    override them). A divergence fails the test with ``EquivalenceError`` (the report,
+    the causes and the findings); a comparison that cannot run fails with one line,
+    "mcn-harness could not run: ...". With --harness-report the JSON report is written
+    first, pass or fail.
     """
+    from harness.testing.asserts import EquivalenceFixture
+
     settings = request.config.stash[_SETTINGS]
 
-    def check(net=None, model=None, x=None, labels=None, **kwargs: Any):
+    def report_path() -> Path:
+        path = _report_path(settings.report_dir, request.node.nodeid, settings.reports)
+        settings.reports.append(path)
+        return path
+
+    fixture = EquivalenceFixture(
+        net=lambda: request.getfixturevalue("mcn_net"),
+        model=lambda: request.getfixturevalue("keras_model"),
+        batch=settings.batch,
+        options={"dtype": settings.dtype, "mode": settings.mode, "dialect": settings.dialect},
+        report_path=None if settings.report_dir is None else report_path,
+    )
+
+    def check(net=None, model=None, x=None, labels=None, **options: Any):
         __tracebackhide__ = True
         try:
-            return _check(net, model, x, labels, **kwargs)
+            return fixture(net, model, x, labels, **options)
         except AssertionError:
             raise  # a completed comparison that diverged: the verdict
         except SystemExit as err:  # never let the model's code end the run as a verdict
@@ -298,32 +315,5 @@ def harness_equivalence(request: pytest.FixtureRequest):
             )
         except McnError as err:
             pytest.fail(f"mcn-harness could not run: {safe_text(' '.join(str(err).split()))}", pytrace=False)
-
-    def _check(net=None, model=None, x=None, labels=None, **kwargs: Any):
-        __tracebackhide__ = True
-        from harness import assert_equivalent, compare
-
-        if net is None:
-            net = request.getfixturevalue("mcn_net")
-        if model is None:
-            model = request.getfixturevalue("keras_model")
-        if x is None:
-            x, probe_labels = _probe_batch(net, settings.batch)
-            labels = probe_labels if labels is None else labels
-        elif labels is None:
-            n = x.shape[3] if getattr(x, "ndim", 4) == 4 else 1
-            labels = _probe_batch(net, n)[1]
-        for key in ("dtype", "mode", "dialect"):
-            kwargs.setdefault(key, getattr(settings, key))
-        if settings.report_dir is None:
-            return assert_equivalent(net, model, x, labels, **kwargs)
-        report = compare(net, model, x, labels, **kwargs)
-        path = _report_path(settings.report_dir, request.node.nodeid, settings.reports)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, report.to_json() + "\n")
-        settings.reports.append(path)
-        if not report.ok:  # assert_equivalent's failure, from the report already made
-            raise AssertionError("\n" + str(report))
-        return report
 
     return check

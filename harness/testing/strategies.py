@@ -43,6 +43,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from harness.mcn.geometry import window_output_length
 from harness.mcn.net import Layer, Net
 from harness.mcn.simplenn import vl_simplenn_tidy
 
@@ -146,7 +147,7 @@ def _side_geometry(draw, size: int, max_side: int, max_pad: int | None, max_wind
     before = draw(st.integers(max(0, ext - size - cap), min(cap, room)))
     after = draw(st.integers(max(0, ext - size - before), min(cap, room - before)))
     stride = draw(st.integers(1, _MAX_STRIDE))
-    out = (size + before + after - ext) // stride + 1
+    out = window_output_length(size, window, before, after, stride, dilate)
     return window, dilate, before, after, stride, out
 
 

@@ -1,6 +1,13 @@
 """Training: cnn_train's steps replayed on the Keras model (``replay``:
-``compare_training``) and the reference and Keras trained side by side (``parity``)."""
+``compare_training``) and the reference and Keras trained side by side (``parity``).
 
-from harness.training.replay import TrainingReport, TrainingRow, compare_training
+Modules: ``replay`` (``compare_training``), ``report`` (``TrainingReport``,
+``TrainingRow``, text and JSON), ``keras_step`` (``keras_train_step``: the Keras side of
+a step), ``state`` (Keras variables and optimizer slots mapped to MatConvNet's
+parameters and ``solverState``), ``parity`` (``train_parity``, ``plot_parity``).
+"""
+
+from harness.training.replay import compare_training
+from harness.training.report import TrainingReport, TrainingRow
 
 __all__ = ["TrainingReport", "TrainingRow", "compare_training"]

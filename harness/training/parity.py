@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +23,10 @@ from harness.io.imdb import Imdb
 from harness.io.text import json_dumps
 from harness.mcn.net import Net
 from harness.mcn.options import McnError
-from harness.mcn.train import TrainOpts, _fresh_state, _train_batch, prepare_net
+from harness.mcn.train import TrainOpts, fresh_state, prepare_net, train_batch
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = ["ParityStep", "ParityResult", "check_plot_path", "train_parity", "plot_parity"]
 
@@ -89,7 +92,7 @@ def _errors(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def train_parity(
     net: Net,
-    model,
+    model: keras.Model,
     imdb: Imdb,
     *,
     epochs: int = 3,
@@ -111,9 +114,11 @@ def train_parity(
     import keras
 
     from harness.equivalence.align import align
-    from harness.equivalence.run import _Weights, with_dtype
-    from harness.training.replay import _keras_value, _params, _probabilities, _ref_value, keras_train_step
-    from harness.translate.optim import _MatConvNetOptimizer, matconvnet_optimizer
+    from harness.equivalence.keras_pass import with_dtype
+    from harness.training.keras_step import ends_in_probabilities, keras_train_step
+    from harness.training.state import keras_params, keras_variable_value, reference_value
+    from harness.translate.optim import MatConvNetOptimizer, matconvnet_optimizer
+    from harness.translate.weights import WeightMap
 
     if epochs < 1:
         raise McnError(f"Expected epochs >= 1. Received epochs={epochs}")
@@ -135,15 +140,15 @@ def train_parity(
     schedule = np.asarray(opts.learning_rate, dtype=float).ravel()
 
     ref = prepare_net(net, np_dtype)
-    state = _fresh_state(ref)
+    state = fresh_state(ref)
     model = with_dtype(model, dtype)
     alignment = align(ref, model)
-    weights = _Weights(ref, model, alignment, dtype, load=True)
+    weights = WeightMap(ref, model, alignment, dtype, load=True)
     if weights.problems:
         raise McnError(f"cannot load the net's weights into the model: {weights.problems[0]}")
-    params = _params(ref, model, alignment, weights)
+    params = keras_params(ref, model, alignment, weights)
     if optimizer == "matconvnet" or (
-        optimizer == "model" and isinstance(getattr(model, "optimizer", None), _MatConvNetOptimizer)
+        optimizer == "model" and isinstance(getattr(model, "optimizer", None), MatConvNetOptimizer)
     ):
         opt = matconvnet_optimizer(ref, opts, schedule=schedule, steps_per_epoch=n_batches)
     elif optimizer == "model":
@@ -157,7 +162,7 @@ def train_parity(
         raise McnError(
             f"Expected optimizer 'model', 'matconvnet' or a Keras optimizer. Received {optimizer!r}"
         )
-    probabilities = _probabilities(model, alignment)
+    probabilities = ends_in_probabilities(model, alignment)
     result = ParityResult(
         settings={
             "epochs": epochs,
@@ -182,7 +187,7 @@ def train_parity(
             labels = imdb.labels[:, idx]
             scores_k = np.asarray(model(x.transpose(3, 0, 1, 2), training=False))
             err_k = _errors(scores_k.transpose(1, 2, 3, 0) if scores_k.ndim == 4 else scores_k, labels)
-            errors, num, loss_r = _train_batch(ref, state, x, labels, lr, opts, None)
+            errors, num, loss_r = train_batch(ref, state, x, labels, lr, opts, None)
             err_r = float(errors[1]) / num if errors is not None and errors.size > 1 else float("nan")
             loss_k = keras_train_step(
                 model, opt, x, labels, dialect=dialect, probabilities=probabilities, dtype=dtype
@@ -191,7 +196,7 @@ def train_parity(
             for p in params:
                 if p.role == "variance":
                     continue
-                a, ref_w = _keras_value(p), _ref_value(ref, p)
+                a, ref_w = keras_variable_value(p), reference_value(ref, p)
                 got, _ = p.to_mcn(a) if p.groups is not None else (a.reshape(ref_w.shape), None)
                 d = float(np.max(np.abs(got - ref_w))) if ref_w.size else 0.0
                 diffs.append((d, d / max(float(np.max(np.abs(ref_w))), 1e-30)))
@@ -247,7 +252,7 @@ def check_plot_path(path: str) -> str:
     return fmt
 
 
-def plot_parity(result: ParityResult, path: str, title: str = "MatConvNet reference vs Keras") -> None:
+def plot_parity(result: ParityResult, path: str, *, title: str = "MatConvNet reference vs Keras") -> None:
     """Loss and batch error per step for both sides, and the largest weight difference
     per step on a log scale; written as PNG (matplotlib, Agg)."""
     import matplotlib

@@ -11,12 +11,17 @@ safe), with suffixes ``_pad`` and ``_subsample`` on helper layers.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harness.mcn.net import Net
 from harness.mcn.options import McnError, is_empty, pad4, pair
 from harness.mcn.simplenn import vl_simplenn_tidy
+from harness.translate.weights import conv_to_keras, load_weights
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = ["to_keras", "keras_loss", "keras_name", "TranslationError"]
 
@@ -47,7 +52,7 @@ def _input_size(net: Net, input_size) -> tuple[int, int, int]:
     return vals[0], vals[1], vals[2]
 
 
-def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
+def to_keras(net: Net, dtype: str = "float64", *, input_size=None) -> keras.Model:
     """Build a Keras model exactly equivalent to ``net`` (weights loaded).
 
     The model's output is the input of the net's final loss layer (the class scores);
@@ -56,7 +61,6 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
     import keras
 
     from harness.translate import layers as L
-    from harness.translate.weights import load_weights
 
     if dtype not in ("float64", "float32"):
         raise TranslationError(f"Expected dtype 'float64' or 'float32'. Received dtype={dtype!r}")
@@ -92,8 +96,7 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
                 if not is_empty(b):
                     x = L.AddBias(int(np.size(b)), name=name, **kw)(x)
                 continue
-            f = np.asarray(f)
-            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+            f = conv_to_keras(f)
             fh, fw, fc, k = f.shape
             if channels % fc or k % (channels // fc):
                 raise TranslationError(
@@ -154,8 +157,7 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None):
         elif t == "convt":
             f, b = layer.weights[0], layer.weights[1] if len(layer.weights) > 1 else None
             groups = int(_scalar(layer.num_groups, 1))
-            f = np.asarray(f)
-            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+            f = conv_to_keras(f)
             up = pair(layer.upsample, "upsample")
             crop = pad4(layer.crop, "crop")
             if groups == 1:

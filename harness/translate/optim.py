@@ -54,8 +54,9 @@ and biases (learningRate(1:2), weightDecay(1:2)) are updated exactly.
 Parameters are matched to Keras variables by ``"<keras layer name>/<variable name>"`` (the
 last two parts of ``variable.path``): ``kernel`` is weights{1} of a conv/convt (also a
 Dense for a fully-connected conv), ``bias`` weights{2} (an ``AddBias`` layer's too),
-``gamma``/``beta`` weights{1}/{2} of a bnorm. The table (``multipliers``) is part of the
-config, so an optimizer round-trips through ``get_config``/``from_config`` without the net.
+``gamma``/``beta`` weights{1}/{2} of a bnorm (``harness.translate.weights.ROLES``). The
+table (``multipliers``) is part of the config, so an optimizer round-trips through
+``get_config``/``from_config`` without the net.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ from keras import ops
 
 from harness.mcn.net import Net
 from harness.mcn.options import McnError, is_empty
-from harness.mcn.train import SOLVER_DEFAULTS, TrainOpts, _check_multipliers, _real, _schedule, prepare_net
+from harness.mcn.solvers import SOLVER_DEFAULTS, check_multipliers
+from harness.mcn.train import prepare_net
+from harness.mcn.train_options import TrainOpts, learning_rate_schedule, real_part
 from harness.translate.build import keras_name
+from harness.translate.schedule import MatConvNetSchedule
+from harness.translate.weights import roles_for
 
 __all__ = [
     "MatConvNetAdadelta",
@@ -86,13 +91,6 @@ __all__ = [
 
 _PACKAGE = "mcn_harness"
 
-# Which MatConvNet parameter a Keras variable holds, by the Keras variable's name.
-_PARAMETER_OF = {
-    "conv": {"kernel": 0, "bias": 1},
-    "convt": {"kernel": 0, "bias": 1},
-    "bnorm": {"gamma": 0, "beta": 1},
-}
-
 
 def variable_key(variable) -> str:
     """``"<layer>/<variable>"``: the last two parts of a Keras variable's path (a Sequential
@@ -101,64 +99,10 @@ def variable_key(variable) -> str:
     return "/".join(path.split("/")[-2:])
 
 
-# ------------------------------------------------------------------------------ schedule
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class MatConvNetSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """cnn_train's learning rate: ``learningRate(min(epoch, end))`` (1-based epoch).
-
-    Keras counts optimizer iterations from 0; iteration k belongs to epoch
-    ``floor(k / steps_per_epoch) + 1``. The rates are returned as float64 (a float32
-    schedule would change 0.01 by 2e-10 relative).
-    """
-
-    def __init__(self, learning_rate, steps_per_epoch: int = 1, name: str = "matconvnet_schedule"):
-        super().__init__()
-        try:
-            rates = np.asarray(learning_rate, dtype=np.float64).ravel()
-        except (TypeError, ValueError):
-            rates = np.asarray([np.nan])
-        if rates.size == 0 or not np.isfinite(rates).all():
-            raise ValueError(
-                "Expected learning_rate to be a finite number or a non-empty list of them. "
-                f"Received learning_rate={learning_rate!r}"
-            )
-        spe = _real(steps_per_epoch, "steps_per_epoch")
-        if spe != round(spe) or spe < 1:
-            raise ValueError(
-                "Expected steps_per_epoch to be a positive integer. "
-                f"Received steps_per_epoch={steps_per_epoch!r}"
-            )
-        self.learning_rate = [float(r) for r in rates]
-        self.steps_per_epoch = int(spe)
-        self.name = name
-
-    def epoch(self, step: int) -> int:
-        """The 1-based epoch of the 0-based iteration ``step``."""
-        return int(step) // self.steps_per_epoch + 1
-
-    def rate(self, step: int) -> float:
-        """The learning rate at the 0-based iteration ``step``, as a Python float."""
-        return self.learning_rate[min(self.epoch(step), len(self.learning_rate)) - 1]
-
-    def __call__(self, step):
-        rates = ops.convert_to_tensor(np.asarray(self.learning_rate, dtype=np.float64))
-        epoch = ops.floor_divide(ops.cast(step, "int64"), self.steps_per_epoch)
-        return ops.take(rates, ops.minimum(epoch, len(self.learning_rate) - 1))
-
-    def get_config(self):
-        return {
-            "learning_rate": list(self.learning_rate),
-            "steps_per_epoch": self.steps_per_epoch,
-            "name": self.name,
-        }
-
-
 # ------------------------------------------------------------------------------ optimizers
 
 
-class _MatConvNetOptimizer(keras.optimizers.Optimizer):
+class MatConvNetOptimizer(keras.optimizers.Optimizer):
     """accumulateGradients' per-parameter frame; subclasses give the solver.
 
     ``coupled_weight_decay`` is cnn_train's ``weightDecay`` (added to the gradient; Keras'
@@ -185,7 +129,7 @@ class _MatConvNetOptimizer(keras.optimizers.Optimizer):
             learning_rate, keras.optimizers.schedules.LearningRateSchedule
         )
         if number:
-            learning_rate = _real(learning_rate, "learning_rate")
+            learning_rate = real_part(learning_rate, "learning_rate")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         if number:
             # Keras keeps a float rate in floatx() (float32): hold it in float64 instead.
@@ -200,7 +144,7 @@ class _MatConvNetOptimizer(keras.optimizers.Optimizer):
                 )
             self._track_variable(lr)
             self._learning_rate = lr
-        self.coupled_weight_decay = _real(coupled_weight_decay, "coupled_weight_decay")
+        self.coupled_weight_decay = real_part(coupled_weight_decay, "coupled_weight_decay")
         table = {}
         for key, value in dict(multipliers or {}).items():
             table[str(key)] = _pair(value, f"multipliers[{key!r}]")
@@ -309,7 +253,7 @@ def _const(value: float, dt):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class MatConvNetSGD(_MatConvNetOptimizer):
+class MatConvNetSGD(MatConvNetOptimizer):
     """cnn_train's SGD: ``mom = momentum*mom - g``, ``w += thisLR * (nesterov ? momentum*mom
     - g : mom)``; the state is MatConvNet's ``mom`` (no learning rate inside)."""
 
@@ -317,7 +261,7 @@ class MatConvNetSGD(_MatConvNetOptimizer):
 
     def __init__(self, learning_rate=0.001, momentum: float = 0.9, nesterov: bool = False, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.momentum = _real(momentum, "momentum")
+        self.momentum = real_part(momentum, "momentum")
         self.nesterov = bool(nesterov)
 
     def _solve(self, w, state, g, this_lr, dt):
@@ -331,7 +275,7 @@ class MatConvNetSGD(_MatConvNetOptimizer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class MatConvNetAdam(_MatConvNetOptimizer):
+class MatConvNetAdam(MatConvNetOptimizer):
     """examples/+solver/adam.m: ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g.^2``,
     ``t = t+1``, ``lr_t = thisLR*sqrt(1-b2^t)/(1-b1^t)``, ``w -= lr_t*m/(sqrt(v)+eps)``
     (eps 1e-8; Keras' Adam: 1e-7, and one global step count)."""
@@ -343,9 +287,9 @@ class MatConvNetAdam(_MatConvNetOptimizer):
         self, learning_rate=0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, **kwargs
     ):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.beta1 = _real(beta1, "beta1")
-        self.beta2 = _real(beta2, "beta2")
-        self.eps = _real(eps, "eps")
+        self.beta1 = real_part(beta1, "beta1")
+        self.beta2 = real_part(beta2, "beta2")
+        self.eps = real_part(eps, "eps")
 
     def _solve(self, w, state, g, this_lr, dt):
         b1, b2 = _const(self.beta1, dt), _const(self.beta2, dt)
@@ -364,7 +308,7 @@ class MatConvNetAdam(_MatConvNetOptimizer):
         return {**super().get_config(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
 
 
-class _SquaredGradientSolver(_MatConvNetOptimizer):
+class _SquaredGradientSolver(MatConvNetOptimizer):
     """rmsprop/adagrad: ``g_sqr = g_sqr*rho + g.^2*scale``, ``w -= thisLR*g/(sqrt(g_sqr)+epsilon)``."""
 
     _slots = ("g_sqr",)
@@ -372,8 +316,8 @@ class _SquaredGradientSolver(_MatConvNetOptimizer):
 
     def __init__(self, learning_rate=0.001, epsilon: float | None = None, rho: float | None = None, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.epsilon = _real(self._defaults["epsilon"] if epsilon is None else epsilon, "epsilon")
-        self.rho = _real(self._defaults["rho"] if rho is None else rho, "rho")
+        self.epsilon = real_part(self._defaults["epsilon"] if epsilon is None else epsilon, "epsilon")
+        self.rho = real_part(self._defaults["rho"] if rho is None else rho, "rho")
 
     def _scale(self) -> float | None:
         raise NotImplementedError
@@ -418,7 +362,7 @@ class MatConvNetAdagrad(_SquaredGradientSolver):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class MatConvNetAdadelta(_MatConvNetOptimizer):
+class MatConvNetAdadelta(MatConvNetOptimizer):
     """examples/+solver/adadelta.m: rho 0.9, epsilon 1e-6; ``g_sqr = g_sqr*rho +
     g.^2*(1-rho)``, ``delta = -sqrt((delta_sqr+eps)/(g_sqr+eps)).*g``, ``delta_sqr =
     delta_sqr*rho + delta.^2*(1-rho)``, ``w += delta``. The learning rate is ignored (it
@@ -430,8 +374,8 @@ class MatConvNetAdadelta(_MatConvNetOptimizer):
 
     def __init__(self, learning_rate=0.001, epsilon: float = 1e-6, rho: float = 0.9, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.epsilon = _real(epsilon, "epsilon")
-        self.rho = _real(rho, "rho")
+        self.epsilon = real_part(epsilon, "epsilon")
+        self.rho = real_part(rho, "rho")
 
     def _solve(self, w, state, g, this_lr, dt):
         rho, eps = _const(self.rho, dt), _const(self.epsilon, dt)
@@ -446,7 +390,7 @@ class MatConvNetAdadelta(_MatConvNetOptimizer):
         return {**super().get_config(), "epsilon": self.epsilon, "rho": self.rho}
 
 
-OPTIMIZERS: dict[str | None, type[_MatConvNetOptimizer]] = {
+OPTIMIZERS: dict[str | None, type[MatConvNetOptimizer]] = {
     None: MatConvNetSGD,
     "adam": MatConvNetAdam,
     "rmsprop": MatConvNetRMSprop,
@@ -472,13 +416,14 @@ def matconvnet_multipliers(net: Net, mapping: dict[str, str] | None = None) -> d
         )
     table: dict[str, tuple[float, float]] = {}
     for layer in net.layers:
-        roles = _PARAMETER_OF.get(layer.type)
+        roles = roles_for(layer.type, trainable=True)  # which Keras variable holds which weights{j}
         if not roles or not layer.weights:
             continue
         kname = mapping.get(layer.name, keras_name(layer.name))
         lr = np.asarray(layer.learning_rate, dtype=np.float64).ravel(order="F")
         wd = np.asarray(layer.weight_decay, dtype=np.float64).ravel(order="F")
-        for var, j in roles.items():
+        for role in roles:
+            j = role.index
             if j >= len(layer.weights) or is_empty(layer.weights[j]):
                 continue
             if j >= lr.size or j >= wd.size:
@@ -487,7 +432,7 @@ def matconvnet_multipliers(net: Net, mapping: dict[str, str] | None = None) -> d
                     f"at least {j + 1} entries. "
                     f"Received learning_rate={lr.tolist()}, weight_decay={wd.tolist()}"
                 )
-            table[f"{kname}/{var}"] = (float(lr[j]), float(wd[j]))
+            table[f"{kname}/{role.variable}"] = (float(lr[j]), float(wd[j]))
     return table
 
 
@@ -499,7 +444,7 @@ def matconvnet_optimizer(
     *,
     mapping: dict[str, str] | None = None,
     name: str | None = None,
-) -> _MatConvNetOptimizer:
+) -> MatConvNetOptimizer:
     """The Keras optimizer that performs cnn_train's update for ``net`` with ``train_opts``.
 
     The class follows ``train_opts.solver`` (SGD with ``momentum``/``nesterov_update``, or
@@ -516,8 +461,8 @@ def matconvnet_optimizer(
     if not isinstance(opts, TrainOpts):
         raise McnError(f"Expected train_opts to be a TrainOpts. Received train_opts={type(opts).__name__}")
     prepared = prepare_net(net)
-    _check_multipliers(prepared, [len(layer.weights) for layer in prepared.layers])
-    rates = opts.learning_rate if schedule is None else _schedule(schedule, "schedule")
+    check_multipliers(prepared, [len(layer.weights) for layer in prepared.layers])
+    rates = opts.learning_rate if schedule is None else learning_rate_schedule(schedule, "schedule")
     learning_rate: Any = float(rates[0]) if rates.size == 1 else MatConvNetSchedule(rates, steps_per_epoch)
     common = {
         "learning_rate": learning_rate,

@@ -126,17 +126,17 @@ def padded_net():
 
 
 @pytest.mark.parametrize(
-    "bug, culprit, cause",
+    "bug, culprit, cause, key",
     [
-        ("zero_padded_pool", "p1", "zero-padded"),
-        ("swapped_padding", "c1", "padding sides are swapped"),
-        ("bnorm_epsilon", "bn1", "bnorm epsilon is 0.001"),
-        ("missing_relu", "r1", "the ReLU is missing"),
+        ("zero_padded_pool", "p1", "zero-padded", "zero_padded_pooling"),
+        ("swapped_padding", "c1", "padding sides are swapped", "wrong_padding_side"),
+        ("bnorm_epsilon", "bn1", "bnorm epsilon is 0.001", "bnorm_epsilon"),
+        ("missing_relu", "r1", "the ReLU is missing", "missing_relu"),
     ],
 )
-def test_cause_probes_name_the_planted_mistake(padded_net, bug, culprit, cause):
+def test_cause_probes_name_the_planted_mistake(padded_net, bug, culprit, cause, key):
     from harness import compare
-    from harness.diagnosis.findings import probe_causes
+    from harness.diagnosis import Cause, probe_causes
 
     L = keras.layers
     model = to_keras(padded_net)
@@ -155,9 +155,52 @@ def test_cause_probes_name_the_planted_mistake(padded_net, bug, culprit, cause):
     rng = np.random.RandomState(0)
     x, labels = rng.randn(8, 7, 2, 3), np.array([[1.0, 3.0, 2.0]])
     report = compare(padded_net, planted, x, labels)
-    assert not report.ok and report.first_divergence["culprit"] == culprit, str(report)
+    assert not report.ok and report.first_divergence.culprit == culprit, str(report)
     causes = probe_causes(padded_net, planted, report, x, labels)
-    assert any(cause in c for c in causes), causes
+    assert all(isinstance(c, Cause) and c.layer == culprit for c in causes), causes
+    assert any(cause in str(c) for c in causes), [str(c) for c in causes]
+    found = next(c for c in causes if cause in str(c))
+    assert found.alternative == key and found.to_dict() == {
+        "layer": culprit,
+        "alternative": key,
+        "text": str(found),
+    }
     # and the faithful translation has nothing to probe
     clean = compare(padded_net, to_keras(padded_net), x, labels)
     assert clean.ok and probe_causes(padded_net, model, clean, x, labels) == []
+
+
+def test_diagnose_and_compare_training_state_the_optimizer_facts_of_one_table():
+    """The optimizer rules (harness.diagnosis.optimizer_rules) give diagnose its Findings
+    and compare_training its notes: the same facts, from one table."""
+    import harness
+    from harness.diagnosis.optimizer_rules import optimizer_differences
+    from harness.mcn.train import TrainOpts
+
+    rng = np.random.RandomState(0)
+    net = vl_simplenn_tidy(
+        Net(
+            [
+                Layer(
+                    "conv",
+                    "c1",
+                    [rng.randn(3, 3, 1, 3), rng.randn(1, 3)],
+                    learning_rate=np.array([[1.0, 2.0]]),
+                ),
+                Layer("softmaxloss", "loss"),
+            ],
+            {"inputSize": np.array([[3.0, 3.0, 1.0]])},
+        )
+    )
+    net.meta["trainOpts"] = {"learningRate": np.array([[2.0**-10]]), "weightDecay": 0.0, "solver": "adam"}
+    opts = TrainOpts.from_matconvnet(net.meta["trainOpts"])
+    shared = {d.kind: d for d in optimizer_differences(keras.optimizers.Adam(2.0**-10), opts, net)}
+    assert {"optimizer constants", "float32 constants", "bias learning-rate multiplier"} <= set(shared)
+    findings = {f.kind: f for f in diagnose(net, to_keras(net), optimizer=keras.optimizers.Adam(2.0**-10))}
+    batches = [(rng.randn(3, 3, 1, 2), np.array([[1.0, 3.0]]))]
+    report = harness.compare_training(net, to_keras(net), keras.optimizers.Adam(2.0**-10), batches, opts)
+    for kind in ("optimizer constants", "float32 constants"):
+        assert findings[kind] == shared[kind].finding()
+        assert shared[kind].note in report.notes, report.notes
+    assert "c1 w{2} x2" in next(n for n in report.notes if "learningRate(j)" in n)  # per variable
+    assert "[1 2]" in findings["bias learning-rate multiplier"].mcn_value  # from the net's multipliers

@@ -85,8 +85,9 @@ def _check_test_mode_bnorm(report, net: Net, x, labels, dialect: str) -> None:
     names = [l.name for l in net.layers]
     last = max(i for i, l in enumerate(net.layers) if l.type == "bnorm")
     assert report.ok, str(report)
-    text = next((lim for lim in report.limitations if "bnorm" in lim and "test mode" in lim), None)
-    assert text is not None, str(report)
+    lim = next((lim for lim in report.limitations if lim.kind == "bnorm-test-mode-backward"), None)
+    assert lim is not None and "bnorm" in lim.text and "test mode" in lim.text, str(report)
+    text = lim.text
     order = {n: i for i, n in enumerate(names)}
     order["input"] = -1
     for row in report.rows:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import harness.mcn.conv as conv_module
+import harness.mcn.kernels.conv_gemm as conv_gemm
 from harness.mcn import McnError, vl_nnconv, vl_nnconvt
 
 STEP = 1e-6
@@ -277,12 +277,12 @@ def test_conv_derivatives_are_consistent(case, ones):
 @contextlib.contextmanager
 def row_gemm_path(enabled: bool):
     """Force the row-GEMM path on wherever it applies (or off everywhere), whatever the sizes."""
-    saved = conv_module._ROWS_MIN_DEPTH, conv_module._ROWS_MIN_PIXELS
-    conv_module._ROWS_MIN_DEPTH = conv_module._ROWS_MIN_PIXELS = 1 if enabled else 2**62
+    saved = conv_gemm.ROWS_MIN_DEPTH, conv_gemm.ROWS_MIN_PIXELS
+    conv_gemm.ROWS_MIN_DEPTH = conv_gemm.ROWS_MIN_PIXELS = 1 if enabled else 2**62
     try:
         yield
     finally:
-        conv_module._ROWS_MIN_DEPTH, conv_module._ROWS_MIN_PIXELS = saved
+        conv_gemm.ROWS_MIN_DEPTH, conv_gemm.ROWS_MIN_PIXELS = saved
 
 
 @settings(deadline=None)
@@ -342,13 +342,13 @@ def test_row_gemm_path_is_taken_for_wide_batches(monkeypatch):
     opts = dict(pad=(1, 0, 0, 1), stride=(2, 1))
     dzdy = rng.standard_normal(vl_nnconv(x, f, b, **opts).shape).astype(np.float32)
     taken = []
-    for name in ("_rows_forward", "_rows_backward"):
-        original = getattr(conv_module, name)
+    for name in ("rows_forward", "rows_backward"):
+        original = getattr(conv_gemm, name)
         monkeypatch.setattr(
-            conv_module, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k)
+            conv_gemm, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k)
         )
     rows = [vl_nnconv(x, f, b, **opts), *vl_nnconv(x, f, b, dzdy, **opts)]
-    assert taken == ["_rows_forward", "_rows_backward"]
+    assert taken == ["rows_forward", "rows_backward"]
     with row_gemm_path(False):
         columns = [vl_nnconv(x, f, b, **opts), *vl_nnconv(x, f, b, dzdy, **opts)]
     for got, want in zip(rows, columns, strict=True):
@@ -380,7 +380,7 @@ def test_chunked_rows_match_one_chunk(monkeypatch, op, xshape, fshape, opts, row
         dzdy = rng.standard_normal(op(x, f, b, **opts).shape).astype(dtype)
         with row_gemm_path(row_gemm):
             whole = [op(x, f, b, **opts), *op(x, f, b, dzdy, **opts)]
-            monkeypatch.setattr(conv_module, "_CHUNK_BYTES", 1)
+            monkeypatch.setattr(conv_gemm, "CHUNK_BYTES", 1)
             chunked = [op(x, f, b, **opts), *op(x, f, b, dzdy, **opts)]
             monkeypatch.undo()
         for a, c in zip(whole, chunked, strict=True):

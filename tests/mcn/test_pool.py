@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import harness.mcn.pool as pool_module
+import harness.mcn.kernels.pool_blocks as pool_blocks
+import harness.mcn.kernels.threads as threads
 from harness.mcn import McnError, vl_nnpool
 
 from ..gradcheck import numeric_grad
@@ -209,15 +210,15 @@ def test_blocks_and_threads_change_nothing(monkeypatch, pool, kw, dtype):
     x = rng.integers(0, 3, (7, 6, 5, 40)).astype(dtype)  # ties everywhere; C*N = 200
     y = vl_nnpool(x, pool, **kw)
     dzdy = rng.standard_normal(y.shape).astype(dtype)
-    monkeypatch.setattr(pool_module, "_cores", lambda: 1)
-    monkeypatch.setattr(pool_module, "_BLOCK_BYTES", 1 << 30)
+    monkeypatch.setattr(threads, "cpu_cores", lambda: 1)
+    monkeypatch.setattr(pool_blocks, "BLOCK_BYTES", 1 << 30)
     whole = (vl_nnpool(x, pool, **kw), vl_nnpool(x, pool, dzdy, **kw))
     np.testing.assert_array_equal(whole[0], y)
-    monkeypatch.setattr(pool_module, "_cores", lambda: 2)
-    monkeypatch.setattr(pool_module, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(threads, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(threads, "PARALLEL_MIN", 0)
     # Blocks one column wide, then whole cache lines wide (48 or 64) with a narrower last one.
     for block_bytes in (1, 30_000):
-        monkeypatch.setattr(pool_module, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(pool_blocks, "BLOCK_BYTES", block_bytes)
         np.testing.assert_array_equal(vl_nnpool(x, pool, **kw), whole[0])
         np.testing.assert_array_equal(vl_nnpool(x, pool, dzdy, **kw), whole[1])
 

@@ -60,7 +60,7 @@ def test_fixed_model_passes_and_reports(user: pytest.Pytester):
     reports = _reports(user.path / "out")
     assert list(reports) == ["test_user.py_test_port_matches_matconvnet.json"]
     data = reports["test_user.py_test_port_matches_matconvnet.json"]
-    assert data["schema"] == "mcn-harness/report/2" and data["ok"] is True
+    assert data["schema"] == "mcn-harness/report/3" and data["ok"] is True
     assert (data["dtype"], data["mode"], data["dialect"]) == ("float64", "normal", "master")
 
 
@@ -72,7 +72,9 @@ def test_question_model_fails_with_the_table_and_still_reports(user: pytest.Pyte
             "*mcn-harness report: DIVERGENT (float64, mode normal, dialect beta25)*",
             "*first divergence: layer 'ip1'*",
             "*conv2d_5*dzdw{1}* DIFF*",
-            "test_user.py:*: AssertionError",  # the user's line, not the plugin's
+            "*findings (*):",  # the whole CheckResult, not only the table
+            "*groups] ip1 / conv2d_5*",
+            "test_user.py:*: EquivalenceError",  # the user's line, not the plugin's; an AssertionError
             "mcn-harness: 1 JSON report(s) written to *out",
         ]
     )
@@ -93,8 +95,8 @@ def test_check_takes_explicit_arguments(pytester: pytest.Pytester):
             net = harness.seed_net(seed=3)
             first = harness_equivalence(net=net, model=to_keras(net), dialect="beta25")
             second = harness_equivalence(net=net, model=to_keras(net), x=first_x(), mode="test")
-            assert first.ok and first.dialect == "beta25" and first.mode == "normal"
-            assert second.mode == "test" and second.dialect == "master"
+            assert first.ok and first.report.dialect == "beta25" and first.report.mode == "normal"
+            assert second.report.mode == "test" and second.report.dialect == "master"
 
         def first_x():
             import numpy as np

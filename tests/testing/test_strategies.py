@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from harness.mcn import Layer, Net, vl_nnconv, vl_nnpool, vl_simplenn, vl_simplenn_tidy
+from harness.mcn.geometry import layer_output_shapes
 from harness.mcn.options import pad4, pair
-from harness.testing.bugs import layer_input_shapes
 from harness.testing.strategies import (
     BODY_TYPES,
     bnorm_layers,
@@ -119,7 +119,7 @@ def test_nets_are_valid_and_run_forward_and_backward(net, data, mode, dialect):
     assert 2 <= k <= 5 and labels.shape == (1, x.shape[3])
     assert np.all((labels >= 0) & (labels <= k)) and np.any(labels > 0)
     res = vl_simplenn(net, x, 1.0, labels, mode=mode, dialect=dialect)
-    for r, shape in zip(res[1:-1], layer_input_shapes(net)[1:], strict=True):
+    for r, shape in zip(res[1:-1], layer_output_shapes(net)[1:-1], strict=True):
         assert r.x.shape[:3] == shape and max(shape[:2]) <= 12 and shape[2] <= 8
     assert res[-2].x.shape[2] == k and np.isfinite(res[-1].x).all()
     assert all(np.isfinite(r.dzdx).all() for r in res)
@@ -162,7 +162,7 @@ def test_float32_nets_and_inputs():
 
 
 def _conv_groups(net: Net, i: int) -> int:
-    return layer_input_shapes(net)[i][2] // net.layers[i].weights[0].shape[2]
+    return layer_output_shapes(net)[i][2] // net.layers[i].weights[0].shape[2]
 
 
 FEATURES = {
@@ -184,7 +184,7 @@ FEATURES = {
         {"bnorm", "lrn", "dropout", "sigmoid"} <= {l.type for l in n.layers}
     ),
     "'loss' layer": lambda n: n.layers[-1].type == "loss",
-    "scores at several pixels": lambda n: layer_input_shapes(n)[-1][:2] != (1, 1),
+    "scores at several pixels": lambda n: layer_output_shapes(n)[-2][:2] != (1, 1),
 }
 
 

@@ -24,7 +24,7 @@ from harness.mcn import McnError
 from harness.mcn.net import Layer, Net
 from harness.mcn.train import SOLVER_DEFAULTS, TrainOpts, cnn_train, cnn_train_step
 from harness.training.replay import compare_training, keras_train_step
-from harness.translate import net_from_keras, to_keras
+from harness.translate import net_from_keras, to_keras, to_nhwc
 from harness.translate.layers import MatConvNetSoftmaxLoss
 from harness.translate.optim import (
     OPTIMIZERS,
@@ -295,7 +295,7 @@ def test_fit_in_graph_mode_follows_cnn_train(tmp_path):
         optimizer=matconvnet_optimizer(net, opts, steps_per_epoch=2),
         loss=MatConvNetSoftmaxLoss("master", dtype="float64"),
     )
-    data = tf.data.Dataset.from_tensor_slices((images.transpose(3, 0, 1, 2), labels.ravel())).batch(4)
+    data = tf.data.Dataset.from_tensor_slices((to_nhwc(images), labels.ravel())).batch(4)
     model.fit(data, epochs=3, shuffle=False, verbose=0)
     ref, _, _ = cnn_train(net, images, labels, opts, None, [[[1, 2, 3, 4], [5, 6, 7, 8]]] * 3)
     got = net_from_keras(model, ref)

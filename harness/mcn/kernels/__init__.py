@@ -1,0 +1,7 @@
+"""The reference's fast paths: how the sums are computed, never what they are.
+
+The public ops (harness.mcn.conv, harness.mcn.pool) own MatConvNet's definitions and
+argument checks and call in here for the work: ``conv_gemm`` (convolutions as BLAS
+products), ``pool_blocks`` (pooling split into cache-sized blocks among the cores) and
+``threads`` (the worker threads both share).
+"""

@@ -1,0 +1,131 @@
+"""``harness.check``: the one place where the pieces are chained.
+
+    net, model -> static findings (diagnosis) -> probe batch (io.specs) -> compare
+    (equivalence: reference pass, Keras pass, alignment, measurement, report)
+    -> cause probes on the first divergence (diagnosis) -> CheckResult
+
+The command line, the pytest plugin and Python callers all call ``check``; none of them
+chains these steps itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from harness.equivalence.report import Report
+from harness.io.text import json_dumps
+from harness.io.text import safe_text as _text
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+    from harness.mcn.net import Net
+
+__all__ = ["CheckResult", "check"]
+
+
+@dataclass
+class CheckResult:
+    """What ``check`` found: the layer-by-layer ``report``, the static ``findings``
+    (configuration differences, whatever the verdict) and the ``causes`` (porting
+    mistakes that reproduce the Keras side at the first divergence)."""
+
+    report: Report
+    findings: list = field(default_factory=list)
+    causes: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """The verdict: True only when the comparison completed and found no divergence."""
+        return self.report.ok
+
+    def to_dict(self) -> dict:
+        """The report's JSON schema (``harness.equivalence.report``) plus ``findings``
+        and ``causes``."""
+        payload = self.report.to_dict()
+        payload["findings"] = [f.to_dict() for f in self.findings]
+        payload["causes"] = [c.to_dict() if hasattr(c, "to_dict") else str(c) for c in self.causes]
+        return payload
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json_dumps(self.to_dict(), indent=indent)
+
+    def lines(self) -> list[str]:
+        """The report table, then one line per cause and per finding; every name made
+        safe for a terminal."""
+        out = str(self.report).splitlines()
+        fd = self.report.first_divergence
+        culprit = _text(fd.culprit if hasattr(fd, "culprit") else fd["culprit"]) if fd else ""
+        out += [f"likely cause at '{culprit}': {_text(c)}" for c in self.causes]
+        if self.findings:
+            out.append("")
+            out.append(f"findings ({len(self.findings)}):")
+            out += [f"  {_text(f)}" for f in self.findings]
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def check(
+    net: Net,
+    model: keras.Model,
+    x: Any = None,
+    labels: Any = None,
+    *,
+    batch: int = 4,
+    seed: int = 0,
+    dtype: str = "float64",
+    mode: str = "normal",
+    dialect: str = "master",
+    weights: str = "net",
+    mapping: dict[str, list[str]] | None = None,
+    findings: bool = True,
+    causes: bool = True,
+) -> CheckResult:
+    """Check the Keras ``model`` against the MatConvNet ``net``.
+
+    ``x`` (H x W x C x N) and ``labels`` (1-based) default to a probe batch of ``batch``
+    standard-normal images drawn with ``seed`` from ``net.meta['inputSize']``. ``dtype``,
+    ``mode``, ``dialect``, ``weights`` and ``mapping`` are those of ``harness.compare``.
+    With ``findings``, the static differences of ``harness.diagnosis.diagnose`` are
+    included; with ``causes``, a divergent layer is re-run with the usual porting
+    mistakes (``harness.diagnosis.probe_causes``).
+
+    Raises ``McnError`` (``InputError``) when the comparison cannot run: a bad net or
+    batch, a model whose parameter layers cannot be paired with the net's, or shapes
+    that do not fit. A returned result always comes from a completed comparison.
+    """
+    import numpy as np
+
+    from harness.diagnosis import diagnose, probe_causes
+    from harness.equivalence.align import align
+    from harness.equivalence.run import compare
+    from harness.io.specs import InputError, probe_batch
+    from harness.mcn.simplenn import vl_simplenn_tidy
+
+    net = vl_simplenn_tidy(net)
+    alignment = align(net, model, mapping)
+    for pair in alignment.pairs:
+        if net.layers[pair.index].type in ("conv", "convt", "bnorm") and pair.param_layer is None:
+            raise InputError(
+                f"cannot align the model with the net: MatConvNet layer '{pair.name}' ({pair.type}) "
+                "has no Keras partner"
+            )
+    found = diagnose(net, model) if findings else []
+    if x is None:
+        x, probe_labels = probe_batch(net, batch, seed=seed)
+        labels = probe_labels if labels is None else labels
+    elif labels is None:
+        n = np.shape(x)[3] if np.ndim(x) == 4 else 1
+        labels = probe_batch(net, n, seed=seed)[1]
+    report = compare(
+        net, model, x, labels, dtype=dtype, mode=mode, dialect=dialect, weights=weights, mapping=mapping
+    )
+    if report.alignment_problems and all("shapes" in p for p in report.alignment_problems):
+        raise InputError(report.alignment_problems[0])
+    explained = []
+    if causes and not report.ok and report.first_divergence:
+        explained = probe_causes(net, model, report, x, labels, mode=mode, dialect=dialect, weights=weights)
+    return CheckResult(report, found, explained)

@@ -410,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as err:  # only the user's code can get here (argument parsing is done)
         return _fail(f"the Keras model's code called sys.exit({err.code!r}); no verdict", debug)
-    except (_Usage, McnError) as err:
+    except _Usage as err:
         return _fail(err, debug)
+    except McnError as err:
+        return _fail(_naming_the_file(err, args), debug)
     except MemoryError:
         return _fail(
             "out of memory (lower --batch, or set MCN_HARNESS_MEMORY_BUDGET below the machine's memory)",
@@ -425,6 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(
             f"internal error: {type(err).__name__}: {err} (no verdict; --debug shows the traceback)", debug
         )
+
+
+def _naming_the_file(err: McnError, args) -> str:
+    """An error about the net (its layers, its inputSize) names the --mcn file it came
+    from, unless the message already names it or an option."""
+    text = str(err)
+    spec = getattr(args, "mcn", None)
+    if not spec or spec == "seed" or spec in text or text.startswith("--"):
+        return text
+    return f"--mcn {spec!r}: {text}"
 
 
 def _fail(err, debug: bool) -> int:

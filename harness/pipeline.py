@@ -56,7 +56,7 @@ class CheckResult:
         safe for a terminal."""
         out = str(self.report).splitlines()
         fd = self.report.first_divergence
-        culprit = _text(fd.culprit if hasattr(fd, "culprit") else fd["culprit"]) if fd else ""
+        culprit = _text(fd.culprit) if fd else ""
         out += [f"likely cause at '{culprit}': {_text(c)}" for c in self.causes]
         if self.findings:
             out.append("")

@@ -80,10 +80,6 @@ class Limitation:
         return self.text
 
 
-def _limitation(value) -> Limitation:
-    return value if isinstance(value, Limitation) else Limitation("other", str(value))
-
-
 @dataclass
 class Row:
     layer: str
@@ -155,8 +151,8 @@ class Report:
             "alignment_problems": list(self.alignment_problems),
             "problems": list(self.problems),
             "notes": list(self.notes),
-            "limitations": [_limitation(x).to_dict() for x in self.limitations],
-            "first_divergence": None if self.first_divergence is None else _divergence(self.first_divergence),
+            "limitations": [x.to_dict() for x in self.limitations],
+            "first_divergence": None if self.first_divergence is None else self.first_divergence.to_dict(),
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -172,8 +168,8 @@ class Report:
         if self.first_divergence:
             fd = self.first_divergence
             lines.append(
-                f"first divergence: layer '{_text(fd['culprit'])}' ({_text(fd['tensor'])} of "
-                f"'{_text(fd['layer'])}' vs Keras '{_text(fd['keras'])}')"
+                f"first divergence: layer '{_text(fd.culprit)}' ({_text(fd.tensor)} of "
+                f"'{_text(fd.layer)}' vs Keras '{_text(fd.keras)}')"
             )
         for p in self.alignment_problems:
             lines.append(f"alignment: {_text(p)}")
@@ -185,7 +181,7 @@ class Report:
         )
         lines += [header, "-" * len(header)]
         for r in self.rows:
-            status = "ok" if r.ok else ("known" if r.limitation else "DIFF")
+            status = r.status
             mism = f"{r.mismatches}/{r.numel}"
             lines.append(
                 f"{_text(r.layer)[:14]:<14} {_text(r.keras)[:22]:<22} {_text(r.tensor):<8} {status:<6} "
@@ -194,10 +190,6 @@ class Report:
             )
         lines += text_tail(self.notes, self.limitations)
         return "\n".join(lines)
-
-
-def _divergence(fd) -> dict:
-    return fd.to_dict() if isinstance(fd, Divergence) else dict(fd)
 
 
 def _chart_svg(report: Report) -> str:
@@ -281,8 +273,8 @@ def to_html(report: Report, findings: list | None = None, title: str = "mcn-harn
     if report.first_divergence:
         fd = report.first_divergence
         body.append(
-            f"<p><b>First divergence:</b> layer {e(fd['culprit'])} ({e(fd['tensor'])} of {e(fd['layer'])} "
-            f"vs Keras {e(fd['keras'])})</p>"
+            f"<p><b>First divergence:</b> layer {e(fd.culprit)} ({e(fd.tensor)} of {e(fd.layer)} "
+            f"vs Keras {e(fd.keras)})</p>"
         )
     for p in report.alignment_problems:
         body.append(f"<p>Alignment: {e(p)}</p>")
@@ -307,7 +299,7 @@ def to_html(report: Report, findings: list | None = None, title: str = "mcn-harn
         "<th>ref</th><th>Keras</th><th>note</th></tr>"
     )
     for r in report.rows:
-        status_r = "ok" if r.ok else ("known" if r.limitation else "DIFF")
+        status_r = r.status
         worst = "" if r.worst_index_mcn is None else e(str(tuple(r.worst_index_mcn)))
         ref = "" if r.ref_value is None else f"{r.ref_value:.6g}"
         kv = "" if r.keras_value is None else f"{r.keras_value:.6g}"

@@ -126,31 +126,15 @@ def build_model(factory, option: str, spec: str):
 
 def input_size(net) -> tuple[int, int, int]:
     """``(H, W, C)`` from ``net.meta['inputSize']``, checked: one to four positive
-    integers (a fourth, the batch size, is ignored), within the memory budget."""
-    import numpy as np
-
+    integers (a fourth, the batch size, is ignored); ``harness.mcn.geometry.input_hwc``
+    checks them."""
     from harness.mcn import McnError
-    from harness.mcn.simplenn import describe
+    from harness.mcn.geometry import input_hwc
 
     size = net.meta.get("inputSize") if isinstance(net.meta, dict) else None
     if size is None:
         raise McnError("Expected net.meta.inputSize ([H W C]) to build a probe batch; the net has none.")
-    numeric = isinstance(size, int | float | np.number) or (
-        isinstance(size, np.ndarray) and size.dtype.kind in "iuf"
-    )
-    values = np.asarray(size, dtype=float).ravel() if numeric else np.zeros(0)
-    if (
-        isinstance(size, bool | np.bool_)
-        or not 1 <= values.size <= 4
-        or not np.all(np.isfinite(values))
-        or np.any(values != np.round(values))
-        or np.any(values[:3] < 1)
-    ):
-        raise McnError(
-            f"Expected net.meta.inputSize to be [H W C] (positive integers). Received {describe(size)}"
-        )
-    h, w, c = ([int(v) for v in values[:3]] + [1, 1])[:3]
-    return h, w, c
+    return input_hwc(size, "net.meta.inputSize")
 
 
 def probe_batch(net, n: int, seed: int = 0):

@@ -27,6 +27,7 @@ from harness.mcn.net import Layer, Net, layer_errors, layer_field, layer_weight,
 from harness.mcn.options import McnError, as_4d, pad4, pair, positive_integer
 
 __all__ = [
+    "input_hwc",
     "conv_output_size",
     "convt_output_size",
     "empty_filters_error",
@@ -190,6 +191,26 @@ def layer_output_shapes(net: Net, input_size: Any = None) -> list[Shape]:
     return shapes
 
 
+def input_hwc(value: Any, name: str) -> Shape:
+    """``(H, W, C)`` from an ``[H W C]`` (or ``[H W C N]``: N is ignored) size: one to
+    four positive integers, as numbers (a char array such as '123' is refused); missing
+    trailing sizes are 1. An McnError names ``name`` otherwise."""
+    from harness.mcn.simplenn import describe
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+
+    numeric = (
+        number(value)
+        or (isinstance(value, np.ndarray) and value.dtype.kind in "iuf")
+        or (isinstance(value, list | tuple) and all(number(v) for v in value))
+    )
+    v = np.asarray(value, dtype=float).ravel() if numeric else np.zeros(0)
+    if not 1 <= v.size <= 4 or not np.all(np.isfinite(v)) or np.any(v != np.round(v)) or np.any(v[:3] < 1):
+        raise McnError(f"Expected {name} to be [H W C] (positive integers). Received {describe(value)}")
+    return _hwc([int(s) for s in v[:3]])
+
+
 def _input_size(net: Net, input_size: Any) -> Shape:
     name = "input_size"
     if input_size is None:
@@ -197,13 +218,7 @@ def _input_size(net: Net, input_size: Any) -> Shape:
         input_size = net.meta.get("inputSize") if isinstance(net.meta, dict) else None
         if input_size is None:
             raise McnError("Expected input_size or net.meta['inputSize'] ([H W C]). Received neither")
-    try:
-        v = np.asarray(input_size, dtype=float).ravel()[:3]
-    except (TypeError, ValueError):
-        v = np.asarray([np.nan])
-    if v.size == 0 or not np.all(np.isfinite(v)) or np.any(v != np.round(v)) or np.any(v < 1):
-        raise McnError(f"Expected {name} to be [H W C], positive integers. Received {name}={input_size!r}")
-    return _hwc([int(s) for s in v])
+    return input_hwc(input_size, name)
 
 
 def _filter_shape(layer: Layer, i: int) -> tuple[int, ...] | None:

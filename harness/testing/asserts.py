@@ -39,8 +39,8 @@ class EquivalenceError(AssertionError):
         fd = report.first_divergence
         if fd:
             head = (
-                f"MatConvNet and Keras diverge first at layer '{safe_text(fd['culprit'])}' "
-                f"({safe_text(fd['tensor'])})"
+                f"MatConvNet and Keras diverge first at layer '{safe_text(fd.culprit)}' "
+                f"({safe_text(fd.tensor)})"
             )
         elif report.problems:
             head = f"MatConvNet and Keras cannot be called equivalent: {safe_text(report.problems[0])}"

@@ -166,7 +166,7 @@ class TrainingReport:
             )
             lines += [header, "-" * len(header)]
             for r in self.rows_at(shown):
-                status = "ok" if r.ok else ("known" if r.limitation else "DIFF")
+                status = r.status
                 upd = "" if r.update_rel is None else f"{r.update_rel:.2e}"
                 lines.append(
                     f"{_text(r.layer)[:14]:<14} {_text(r.keras)[:26]:<26} {_text(r.tensor)[:20]:<20} "

@@ -6,6 +6,8 @@ perturbation each mode detects.
    - detection rate: reports flagged / plantings the batch can show (``bug.observable``);
    - localisation rate: flagged reports blaming the planted layer / flagged reports;
    - false-positive rate (the baseline): unmodified translations flagged / nets.
+0. The catalogue of user-style ports (tests/catalogue): faithful ok, detected, localised,
+   crashes.
 2. On the seed network, the smallest relative perturbation ``w * (1 + eps * s)``
    (``s`` = random signs) of one layer's filters that compare(weights="model") flags, in
    float64 and in float32 mode (bisection over log10 eps).
@@ -106,13 +108,16 @@ def catalogue(cases: list) -> None:
     )
 
 
-def smallest_perturbation(layer: str, dtype: str) -> float:
+def smallest_perturbation(layer: str, dtype: str, model_dtype: str | None = None) -> float:
+    """``dtype``: the comparison's (float64 is the default mode); ``model_dtype``: the
+    Keras model's own (default: the comparison's; "float32" with dtype float64 is what a
+    user's float32 port meets in the default mode, through the float64 copy)."""
     from harness.translate import to_keras
 
     net = harness.seed_net(seed=0)
     rng = np.random.RandomState(1)
     x, labels = rng.randn(28, 28, 1, 4), np.array([[1.0, 2.0, 2.0, 1.0]])
-    model = to_keras(net, dtype=dtype)
+    model = to_keras(net, dtype=model_dtype or dtype)
     kl = model.get_layer(layer)
     w0, b0 = [np.asarray(v) for v in kl.get_weights()]
     signs = np.where(rng.rand(*w0.shape) < 0.5, -1.0, 1.0)
@@ -128,16 +133,72 @@ def smallest_perturbation(layer: str, dtype: str) -> float:
     return 10.0**hi
 
 
+def user_ports() -> None:
+    """The catalogue of Keras ports written the way users write them (tests/catalogue):
+    faithful ports called equivalent, planted bugs detected and blamed on the right layer,
+    crashes (a comparison that raised instead of giving a verdict)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.catalogue.ports import CATALOGUE, SUBTLE
+    from tests.catalogue.test_harness_on_catalogue import BACKWARD_DIVERGENT, EXPECTED_VERDICT
+    from tests.golden import case_net, load_case
+
+    counts = Counter()
+    t0 = time.perf_counter()
+    for port in CATALOGUE + SUBTLE:
+        case = load_case(port.case)
+        net = case_net(case)
+        x = np.asarray(case.inputs["x"], dtype=np.float64)
+        labels = np.asarray(case.inputs["labels"], dtype=np.float64)
+        mode = str(case.opts.get("mode", "normal"))
+        try:
+            report = harness.compare(net, port.build(), x, labels, mode=mode, weights="model")
+        except Exception as err:  # counted: a crash is never a verdict
+            counts["crashes"] += 1
+            print(f"  crash: {port.name}: {type(err).__name__}: {err}")
+            continue
+        fd = report.first_divergence
+        if port.faithful and port.name not in BACKWARD_DIVERGENT:
+            counts["faithful"] += 1
+            counts["faithful ok"] += report.ok
+        elif port.faithful:  # forward-exact ports whose backward pass is not MatConvNet's
+            counts["backward-divergent"] += 1
+            right = fd is not None and fd.culprit == BACKWARD_DIVERGENT[port.name]
+            counts["backward-divergent blamed right"] += right
+        elif EXPECTED_VERDICT.get(port.name) is True:
+            counts["not a divergence"] += 1
+        else:
+            counts["bugs"] += 1
+            counts["detected"] += not report.ok
+            counts["localised"] += fd is not None and fd.culprit == port.culprit
+    print(f"\nuser-style ports (tests/catalogue, {time.perf_counter() - t0:.0f} s):")
+    print(f"  faithful ok: {counts['faithful ok']}/{counts['faithful']}")
+    print(
+        f"  forward-exact, backward not MatConvNet's, blamed right: "
+        f"{counts['backward-divergent blamed right']}/{counts['backward-divergent']}"
+    )
+    print(f"  planted bugs detected: {counts['detected']}/{counts['bugs']}")
+    print(f"  planted bugs localised: {counts['localised']}/{counts['bugs']}")
+    print(f"  crashes: {counts['crashes']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", type=int, default=40)
     parser.add_argument("--layer", default="conv3")
     args = parser.parse_args()
+    user_ports()
     cases = draw_cases(args.nets)
     catalogue(cases)
     print(f"\nsmallest relative perturbation of {args.layer}'s filters that compare() flags (seed net):")
+    print(
+        "  default mode (float64 comparison of a float32 model, through its float64 copy): "
+        f"{smallest_perturbation(args.layer, 'float64', 'float32'):.2e}"
+    )
     for dtype in ("float64", "float32"):
-        print(f"  {dtype}: {smallest_perturbation(args.layer, dtype):.2e}")
+        print(f"  {dtype} model, {dtype} comparison: {smallest_perturbation(args.layer, dtype):.2e}")
 
 
 if __name__ == "__main__":

@@ -107,20 +107,16 @@ def _load(args) -> tuple[Net, object]:
     return net, model
 
 
+def _run_options(args) -> dict:
+    """--seed, --dtype and --dialect (every command has them) as keyword arguments."""
+    return {"seed": args.seed, "dtype": args.dtype, "dialect": args.dialect}
+
+
 def _check_one(net: Net, model, args, out) -> int:
     from harness.equivalence.report import to_html
     from harness.pipeline import check
 
-    result = check(
-        net,
-        model,
-        batch=args.batch,
-        seed=args.seed,
-        dtype=args.dtype,
-        mode=args.mode,
-        dialect=args.dialect,
-        weights=args.weights,
-    )
+    result = check(net, model, batch=args.batch, mode=args.mode, weights=args.weights, **_run_options(args))
     # everything is computed and rendered before anything is printed or written: a
     # failure while rendering can then never follow a printed verdict
     lines = result.lines()
@@ -232,10 +228,8 @@ def _cmd_train_parity(args) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
-        dtype=args.dtype,
-        dialect=args.dialect,
-        seed=args.seed,
         max_steps_per_epoch=args.max_steps,
+        **_run_options(args),
     )
     print(
         f"{'step':>5} {'epoch':>5} {'lr':>8} {'loss ref':>10} {'loss keras':>10} {'err ref':>8} "

@@ -70,7 +70,7 @@ def test_check_exit_codes_json_and_html(tmp_path):
     )
     assert bad.returncode == 1
     data = json.loads((tmp_path / "q.json").read_text())
-    assert data["schema"] == "mcn-harness/report/3" and data["first_divergence"]["culprit"] == "ip1"
+    assert data["schema"] == "mcn-harness/report/4" and data["first_divergence"]["culprit"] == "ip1"
     assert any(f["kind"] == "groups" for f in data["findings"])
     page = (tmp_path / "q.html").read_text()
     _check_html(page)

@@ -47,14 +47,19 @@ def layer_findings(
                 "alignment", "", "model", "-", problem, "add or remove the layer so both run the same ops"
             )
         )
-    for pair_ in alignment.pairs:
+    for k, pair_ in enumerate(alignment.pairs):
         layer = net.layers[pair_.index]
         ks = [model.get_layer(n) for n in pair_.keras]
         main = model.get_layer(pair_.param_layer) if pair_.param_layer else None
         if layer.type == "conv" and main is not None:
-            out += _conv_findings(layer, main, ks, shapes[pair_.index])
+            found = _conv_findings(layer, main, ks, shapes[pair_.index])
+            nxt = alignment.pairs[k + 1] if k + 1 < len(alignment.pairs) else None
+            if nxt is not None and nxt.fused_activation and _exact_fusion(net.layers[nxt.index]):
+                # the fused activation is the next MatConvNet layer's, computed exactly
+                found = [f for f in found if f.kind != "activation"]
+            out += found
         elif layer.type == "pool":
-            out += _pool_findings(layer, ks)
+            out += _pool_findings(layer, ks, shapes[pair_.index])
         elif layer.type == "relu" and pair_.keras or pair_.fused_activation == "relu":
             out += _relu_findings(layer, pair_, ks)
         elif layer.type == "bnorm" and main is not None:
@@ -134,7 +139,9 @@ def _dropout_findings(layer: Layer, pair_, ks) -> list[Finding]:
                 pair_.keras_label,
                 fmt_value(rate),
                 fmt_value(k_rate),
-                f"Dropout({rate:g})",
+                f"Dropout({rate:g}). This matters in training: the rate decides how many units drop and "
+                "the 1/(1-rate) scale; the comparison applies MatConvNet's own masks, so its verdict "
+                "cannot see it",
             )
         ]
     return []
@@ -278,7 +285,28 @@ def _keras_pads(ks, main, ksize, stride, in_hw) -> tuple[int, int, int, int] | N
     return tuple(pads)
 
 
-def _pool_findings(layer, ks) -> list[Finding]:
+def _exact_fusion(layer: Layer) -> bool:
+    """A MatConvNet layer a Keras ``activation=`` computes exactly: a ReLU without leak,
+    a sigmoid, a softmax."""
+    if layer.type == "relu":
+        return float(np.asarray(layer.get("leak", 0.0) or 0.0, dtype=float).ravel()[0]) == 0.0
+    return layer.type in ("sigmoid", "softmax")
+
+
+def reachable_pads(pads, pool, stride, in_hw) -> tuple[int, int, int, int]:
+    """The part of MatConvNet's ``[T B L R]`` padding some pooling window reaches: a
+    bottom or right pad that the last window ends before changes nothing."""
+    (ph, pw), (sh, sw), (h, w) = pool, stride, in_hw
+    t, b, l, r = pads
+
+    def reached(n, before, after, p, s):
+        out = (n + before + after - p) // s + 1
+        return max(0, (out - 1) * s - before + p - n)
+
+    return (t, min(b, reached(h, t, b, ph, sh)), l, min(r, reached(w, l, r, pw, sw)))
+
+
+def _pool_findings(layer, ks, in_shape=None) -> list[Finding]:
     out = []
     label = "+".join(x.name for x in ks) or "-"
     main = next((x for x in ks if keras_kind(x) == "pool"), None)
@@ -298,6 +326,8 @@ def _pool_findings(layer, ks) -> list[Finding]:
                 Finding(kind, layer.name, label, fmt_value(mcn), fmt_value(keras_value), f"{arg}={mcn}")
             )
     pads = pad4(layer.pad)
+    if in_shape is not None:
+        pads = reachable_pads(pads, pair(layer.pool, "pool"), pair(layer.stride, "stride"), in_shape[:2])
     zero_pad = (
         any(type(x).__name__ == "ZeroPadding2D" for x in ks) or getattr(main, "padding", "valid") == "same"
     )

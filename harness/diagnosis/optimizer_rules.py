@@ -322,6 +322,20 @@ def _weight_decay(s: SetUp) -> list[Difference]:
             )
         ]
     view = s.per_variable
+    if view is None and s.ours:
+        # the exact optimizer, read from its configuration: coupled decay is its own
+        k_wd = float(getattr(s.optimizer, "coupled_weight_decay", 0.0))
+        if abs(k_wd - wd) <= 1e-15 * max(abs(wd), 1.0):
+            return []
+        return [
+            Difference(
+                "weight decay",
+                f"{wd:g}, coupled",
+                f"coupled_weight_decay={k_wd:g}",
+                f"coupled_weight_decay={wd:g}",
+                f"the optimizer's coupled weight decay {k_wd:g} where cnn_train's is {wd:g}",
+            )
+        ]
     if view is None and wd <= 0 or view is not None and not view.decays:
         return []
     if view is not None and view.decayed:
@@ -359,11 +373,25 @@ def _schedule(s: SetUp) -> list[Difference]:
     lrcfg = s.config.get("learning_rate")
     if isinstance(lrcfg, dict):
         name, config = str(lrcfg.get("class_name")), lrcfg.get("config", {})
+        same = np.array_equal(np.asarray(config.get("learning_rate"), dtype=float).ravel(), lr)
         if (
-            "Piecewise" in name
-            or name == "MatConvNetSchedule"
-            and np.array_equal(np.asarray(config.get("learning_rate"), dtype=float).ravel(), lr)
+            name == "MatConvNetSchedule"
+            and same
+            and np.unique(lr).size > 1
+            and config.get("steps_per_epoch") == 1
         ):
+            return [
+                Difference(
+                    "schedule steps",
+                    f"{schedule_text(lr)}, one rate per epoch",
+                    "MatConvNetSchedule(steps_per_epoch=1)",
+                    "MatConvNetSchedule(rates, steps_per_epoch=<batches per epoch>)",
+                    "the schedule is cnn_train's, but with steps_per_epoch=1 it counts epochs in steps: "
+                    "each batch moves to the next epoch's rate unless training runs one batch per epoch "
+                    "(fix: steps_per_epoch = the number of batches per epoch)",
+                )
+            ]
+        if "Piecewise" in name or name == "MatConvNetSchedule" and same:
             return []
         k_sched = f"{name} {config}"
     else:

@@ -20,6 +20,7 @@ __all__ = ["Pair", "Alignment", "align", "keras_kind"]
 # What a Keras layer computes, in MatConvNet's words.
 _KINDS = {
     "ZeroPadding2D": "pad",
+    "Pad": "pad",
     "Conv2D": "conv",
     "Dense": "conv",
     "AddBias": "conv",
@@ -40,6 +41,12 @@ _KINDS = {
     "GroupedConv2DTranspose": "convt",
     "Cropping2D": "crop",
     "InputLayer": "input",
+    # Keras operations of a functional graph (keras.ops between layers)
+    "Relu": "relu",
+    "LeakyRelu": "relu",
+    "Sigmoid": "sigmoid",
+    "Permute": "permute",
+    "Transpose": "permute",
 }
 
 
@@ -82,10 +89,15 @@ class Pair:
 class Alignment:
     pairs: list[Pair]
     problems: list[str]  # human-readable alignment problems (unpaired layers)
+    layers: dict = field(default_factory=dict)  # Keras name -> the layer paired
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def layer(self, name: str):
+        """The Keras layer of that name among those aligned."""
+        return self.layers[name]
 
 
 _EXPECT = {
@@ -101,14 +113,20 @@ _EXPECT = {
     "convt": ("convt",),
 }
 # Keras layers that may precede the main one of a MatConvNet layer (padding, flattening).
-_PREFIX = {"conv": ("pad", "flatten"), "pool": ("pad",)}
+_PREFIX = {"conv": ("pad", "permute", "flatten"), "pool": ("pad",)}
 _SUFFIX = {"conv": ("subsample",), "convt": ("crop",)}
 
 
-def align(net: Net, model, mapping: dict[str, list[str]] | None = None) -> Alignment:
-    klayers = [l for l in model.layers if keras_kind(l) != "input"]
-    if mapping is not None:
-        return _explicit(net, klayers, mapping)
+def align(net: Net, model, mapping: dict[str, list[str]] | None = None, *, layers=None) -> Alignment:
+    """Pair ``net``'s layers with the Keras ``layers`` the model calls, in call order
+    (``harness.equivalence.observe.called_layers``; default: ``model.layers``)."""
+    klayers = [l for l in (model.layers if layers is None else layers) if keras_kind(l) != "input"]
+    alignment = _explicit(net, klayers, mapping) if mapping is not None else _structural(net, klayers)
+    alignment.layers = {l.name: l for l in klayers}
+    return alignment
+
+
+def _structural(net: Net, klayers: list) -> Alignment:
     pairs: list[Pair] = []
     problems: list[str] = []
     k = 0

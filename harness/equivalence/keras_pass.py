@@ -1,44 +1,26 @@
-"""The Keras side of a comparison: one forward and one backward pass of the model.
+"""MatConvNet's loss on Keras tensors (``keras_batch_loss``), and dtype clones.
 
-The model runs layer by layer under one GradientTape, so that every layer's output, the
-loss's derivative with respect to it and every parameter derivative are at hand. A
-conv with a fused non-linear activation is run as the linear layer and the activation
-after it (the pre-activation is what MatConvNet's conv computes); dropout applies the
-masks the reference drew. The loss is MatConvNet's (``keras_batch_loss``), computed
-from the 1-based labels.
+The comparison observes the model's real call (``observe``) and takes MatConvNet's loss
+of its output, computed from the 1-based labels, as the scalar whose derivatives both
+sides compare. ``with_dtype`` clones a Sequential or functional model into another
+precision (training parity uses it; comparisons use ``precision.float64_copy``, which
+copies any style).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.equivalence.align import Alignment, Pair, keras_kind
-from harness.translate.weights import to_hwcn, to_nhwc
+from harness.translate.weights import to_nhwc
 
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["KerasPass", "keras_batch_loss", "run_keras", "with_dtype"]
+__all__ = ["LOSS_TYPES", "keras_batch_loss", "with_dtype"]
 
 LOSS_TYPES = ("softmaxloss", "loss")
-
-
-@dataclass
-class KerasPass:
-    """What the model computed on the batch. Tensors are in MatConvNet's layout
-    (``H x W x C x N``), parameter derivatives in Keras' own."""
-
-    input_grad: np.ndarray  # the loss's derivative with respect to the input batch
-    # pair index -> (the Keras tensor compared with the layer's output, its label), up to the loss
-    tensors: dict[int, tuple[np.ndarray, str]]
-    tensor_grads: dict[int, np.ndarray | None]  # pair index -> the loss's derivative w.r.t. it
-    # pair index -> derivatives of its parameter layer's trainable variables (None: not reached)
-    param_grads: dict[int, list[np.ndarray | None]]
-    loss: np.ndarray  # the loss (the sum of the output without a loss pair)
-    loss_pair: Pair | None  # the net's loss layer, when the alignment has one
 
 
 def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
@@ -83,147 +65,3 @@ def keras_batch_loss(final, labels: np.ndarray, n: int, dialect: str, probabilit
         per_pixel = tf.reduce_logsumexp(scores, axis=-1) - tf.reduce_sum(scores * onehot, axis=-1)
     total = tf.reduce_sum(weights * per_pixel)
     return total / n if dialect == "master" else total
-
-
-def _as_mcn(t: np.ndarray) -> np.ndarray:
-    """A Keras tensor (N,H,W,C), (N,K) or scalar in MatConvNet's layout."""
-    t = np.asarray(t)
-    return to_hwcn(t) if t.ndim in (2, 4) else t
-
-
-def _identity(z):
-    return z
-
-
-def _nonlinear(kl) -> bool:
-    name = getattr(kl.activation, "__name__", "")
-    return name not in ("linear", "identity", "_identity")
-
-
-def fused_owner(alignment: Alignment, pair: Pair) -> Pair:
-    """The pair whose Keras layer computes ``pair``'s activation (``activation=`` on the
-    layer before it)."""
-    for p in reversed(alignment.pairs[: pair.index]):
-        if p.param_layer:
-            return p
-    raise AssertionError("fused activation without an owner")
-
-
-def _forward(model: keras.Model, h, masks: dict[str, np.ndarray], training: bool) -> tuple[Any, dict, dict]:
-    """Every layer's output (and a fused conv's pre-activation), by Keras layer name."""
-    import tensorflow as tf
-
-    outputs: dict[str, Any] = {}
-    pre: dict[str, Any] = {}
-    for kl in (l for l in model.layers if keras_kind(l) != "input"):
-        kind = keras_kind(kl)
-        if kind == "dropout":
-            # a mask of another shape (the model's tensor differs there, which the
-            # rows report) is not applied: the mask would not broadcast
-            if kl.name in masks and tuple(masks[kl.name].shape) == tuple(h.shape):
-                h = h * tf.constant(masks[kl.name], dtype=h.dtype)
-        elif kind in ("conv", "convt") and getattr(kl, "activation", None) is not None and _nonlinear(kl):
-            act = kl.activation
-            kl.activation = _identity
-            try:
-                z = kl(h)
-            finally:
-                kl.activation = act
-            pre[kl.name] = z
-            h = act(z)
-        elif kind == "bnorm":
-            h = kl(h, training=training)
-        else:
-            h = kl(h)
-        outputs[kl.name] = h
-    return h, outputs, pre
-
-
-def _pair_tensors(alignment: Alignment, outputs: dict, pre: dict, first) -> dict[int, tuple[Any, str]]:
-    """The Keras tensor each pair's output is compared with, and its label."""
-    carry, carry_name = first, "input"
-    out: dict[int, tuple[Any, str]] = {}
-    for pair in alignment.pairs:
-        if pair.type in LOSS_TYPES:
-            break
-        if pair.fused_activation:
-            # output of the previous pair's layer after its activation
-            owner = fused_owner(alignment, pair).param_layer
-            carry, carry_name = outputs[owner], f"{owner}(activation)"
-        elif pair.keras:
-            last = pair.keras[-1]
-            if pair.param_layer and pair.param_layer in pre and last == pair.param_layer:
-                carry, carry_name = pre[last], f"{last}(pre-activation)"
-            else:
-                carry, carry_name = outputs[last], last
-        out[pair.index] = (carry, pair.keras_label if pair.keras else f"({carry_name})")
-    return out
-
-
-def run_keras(
-    model: keras.Model,
-    alignment: Alignment,
-    x: np.ndarray,
-    labels: np.ndarray,
-    *,
-    dtype: str,
-    mode: str,
-    dialect: str,
-    masks: dict[int, np.ndarray],
-) -> KerasPass:
-    """Run ``model`` on the batch ``x`` (``H x W x C x N``) with the reference's dropout
-    ``masks`` (by MatConvNet layer index), and take every derivative in one backward pass.
-    BatchNormalization's moving statistics are left as they were."""
-    import tensorflow as tf
-
-    n = x.shape[3]
-    keras_masks = {
-        name: to_nhwc(masks[pair.index])
-        for pair in alignment.pairs
-        if pair.index in masks
-        for name in pair.keras
-    }
-    xk = tf.constant(to_nhwc(x))
-    tf_dtype = tf.float64 if dtype == "float64" else tf.float32
-    loss_pair = alignment.pairs[-1] if alignment.pairs and alignment.pairs[-1].type in LOSS_TYPES else None
-    # BatchNormalization(training=True) updates its moving statistics: put them back after
-    # the run, so that comparing leaves the model as it was (and a second comparison with
-    # weights="model" sees the model's own moments)
-    frozen = [(v, np.array(v.numpy())) for v in model.non_trainable_variables]
-    with tf.GradientTape() as tape:
-        tape.watch(xk)
-        final, outputs, pre = _forward(model, tf.cast(xk, tf_dtype), keras_masks, mode == "normal")
-        probabilities = loss_pair is not None and (
-            loss_pair.fused_activation == "softmax"
-            or any(keras_kind(model.get_layer(k)) == "softmax" for k in loss_pair.keras)
-        )
-        loss = (
-            keras_batch_loss(final, labels, n, dialect, probabilities)
-            if loss_pair is not None
-            else tf.reduce_sum(final)
-        )
-    tensors = _pair_tensors(alignment, outputs, pre, xk)
-    targets = [t for t, _ in tensors.values()]
-    variables = {
-        pair.index: model.get_layer(pair.param_layer).trainable_variables
-        for pair in alignment.pairs
-        if pair.param_layer
-    }
-    flat_vars = [v for vs in variables.values() for v in vs]
-    grads = tape.gradient(loss, [xk, *targets, *flat_vars])  # one backward pass for all
-    del tape
-    for v, value in frozen:
-        v.assign(value)
-    dx_input, dtargets = grads[0], grads[1 : 1 + len(targets)]
-    rest = iter(None if g is None else g.numpy() for g in grads[1 + len(targets) :])
-    return KerasPass(
-        input_grad=_as_mcn(dx_input.numpy()),
-        tensors={idx: (_as_mcn(t.numpy()), label) for idx, (t, label) in tensors.items()},
-        tensor_grads={
-            idx: None if dt is None else _as_mcn(dt.numpy())
-            for idx, dt in zip(tensors, dtargets, strict=True)
-        },
-        param_grads={idx: [next(rest) for _ in vs] for idx, vs in variables.items()},
-        loss=loss.numpy(),
-        loss_pair=loss_pair,
-    )

@@ -3,9 +3,9 @@
 JSON schema (``Report.to_json()``, stable; keys sorted; strict JSON: a non-finite
 number (NaN, Inf: a tensor that went non-finite) is written as null):
 
-    {"schema": "mcn-harness/report/3", "ok": bool, "dtype": str, "mode": str,
+    {"schema": "mcn-harness/report/4", "ok": bool, "dtype": str, "mode": str,
      "dialect": str, "convention": str, "alignment_problems": [str],
-     "problems": [str], "notes": [str],
+     "problems": [str], "hints": [str], "notes": [str],
      "limitations": [{"kind": str, "text": str}],
      "first_divergence": null | {"layer": str, "keras": str, "tensor": str, "culprit": str},
      "rows": [{"layer": str, "type": str, "keras": str, "tensor": str, "ok": bool,
@@ -17,6 +17,15 @@ number (NaN, Inf: a tensor that went non-finite) is written as null):
 
 ``mcn-harness check --json`` (and ``CheckResult.to_dict()``) add
 ``"findings": [Finding.to_dict()]`` and ``"causes": [Cause.to_dict()]``.
+
+Changes from schema 3: rows are aligned by value with the tensors the model's real
+call computed, so ``keras`` names a Keras layer ("conv1"), an operation inside one
+("conv1:BiasAdd") or one in the model's own code ("net:Relu"); ``alignment_problems``
+holds only parameters that could not be loaded; what the structural alignment could not
+pair is in ``hints``, told only with a divergence; new row tensor ``output`` (the
+model's own output against the reference's scores or their softmax); ``dtype`` is the
+precision the comparison ran in (float32 when the model could not be copied to float64,
+with a note); limitation kind ``float32-rounding``.
 
 Changes from schema 2: ``limitations`` are records (``Limitation``: kind and text),
 ``first_divergence`` is a ``Divergence`` record (same keys). Changes from schema 1:
@@ -42,7 +51,7 @@ from harness.io.text import safe_text as _text
 
 __all__ = ["Divergence", "Limitation", "Report", "Row"]
 
-SCHEMA = "mcn-harness/report/3"
+SCHEMA = "mcn-harness/report/4"
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,10 @@ class Report:
     first_divergence: Divergence | None = None
     # non-finite parameters or inputs on either side: never equivalent
     problems: list[str] = field(default_factory=list)
+    # what the structural alignment could not pair (told with a divergence, as a hint)
+    hints: list[str] = field(default_factory=list)
+    # MatConvNet layer name -> the Keras tensor compared with its output (H x W x C x N)
+    observed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -150,6 +163,7 @@ class Report:
             "convention": self.convention,
             "alignment_problems": list(self.alignment_problems),
             "problems": list(self.problems),
+            "hints": list(self.hints),
             "notes": list(self.notes),
             "limitations": [x.to_dict() for x in self.limitations],
             "first_divergence": None if self.first_divergence is None else self.first_divergence.to_dict(),
@@ -175,6 +189,8 @@ class Report:
             lines.append(f"alignment: {_text(p)}")
         for p in self.problems:
             lines.append(f"problem: {_text(p)}")
+        for p in self.hints:
+            lines.append(f"hint: {_text(p)}")
         header = (
             f"{'layer':<14} {'keras':<22} {'tensor':<8} {'status':<6} {'mismatch':>13} "
             f"{'max abs':>9} {'max rel':>9}  worst (mcn idx: ref / keras)"

@@ -215,8 +215,8 @@ BUGS: tuple[Bug, ...] = (
     ),
     Bug(
         "missing_relu",
-        "a ReLU MatConvNet has is left out of the Keras model (not next to a ReLU with the same "
-        "leak: leaving out either of two such ReLUs gives the same model)",
+        "a ReLU MatConvNet has is left out of the Keras model (not next to another ReLU, nor one "
+        "pooling away: leaving out either of two such ReLUs can give the same model on the batch)",
         ("relu",),
         "net",
         _BOTH,

@@ -142,10 +142,19 @@ def _leak(layer: Layer) -> float:
 
 
 def missing_relu_site(net: Net, i: int, shapes: list) -> bool:
-    # Next to a ReLU with the same leak, leaving out either gives the same model: no
-    # comparison can say which one is missing.
-    near = [net.layers[j] for j in (i - 1, i + 1) if 0 <= j < len(net.layers)]
-    return all(_leak(l) != _leak(net.layers[i]) for l in near)
+    # Near another ReLU, leaving out either can give the same model on the batch (the
+    # same leak; or values the first one leaves non-negative): a comparison by value
+    # cannot say which one is missing, only that one is.
+    # A pooling between two ReLUs may be the identity on the batch (a 1x1 window), so
+    # ReLUs with only a pooling between them count as neighbours too.
+    n = len(net.layers)
+    near = [net.layers[j] for j in (i - 1, i + 1) if 0 <= j < n]
+    near += [
+        net.layers[j]
+        for j, between in ((i - 2, i - 1), (i + 2, i + 1))
+        if 0 <= j < n and net.layers[between].type == "pool"
+    ]
+    return all(l.type != "relu" for l in near)
 
 
 def extra_relu_site(net: Net, i: int, shapes: list) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ _SETTINGS = pytest.StashKey[_Settings]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("mcn-harness", "mcn-harness: MatConvNet vs Keras equivalence")
+
+    def choice(name: str, choices: tuple[str, str], help: str) -> None:
+        """An option with fixed choices; the first is the default."""
+        group.addoption(name, choices=choices, default=choices[0], help=help)
+
     group.addoption(
         "--mcn-net",
         metavar="PATH",
@@ -97,23 +103,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Keras model: module:callable returning a keras.Model, or a .keras file "
         "(fixture keras_model; ini: keras_model)",
     )
-    group.addoption(
+    choice(
         "--harness-dtype",
-        choices=("float64", "float32"),
-        default="float64",
-        help="precision of both sides in harness_equivalence (default float64)",
+        ("float64", "float32"),
+        "precision of both sides in harness_equivalence (default float64)",
     )
-    group.addoption(
+    choice(
         "--harness-mode",
-        choices=("normal", "test"),
-        default="normal",
-        help="vl_simplenn mode: normal (training: dropout, bnorm batch statistics) or test",
+        ("normal", "test"),
+        "vl_simplenn mode: normal (training: dropout, bnorm batch statistics) or test",
     )
-    group.addoption(
+    choice(
         "--harness-dialect",
-        choices=("master", "beta25"),
-        default="master",
-        help="MatConvNet loss convention: master (divided by N) or beta25 (summed)",
+        ("master", "beta25"),
+        "MatConvNet loss convention: master (divided by N) or beta25 (summed)",
     )
     group.addoption(
         "--harness-batch",
@@ -238,34 +241,38 @@ def _report_path(directory: Path, nodeid: str, taken: list[Path]) -> Path:
 
 # --------------------------------------------------------------------------- fixtures
 
+_NO_NET = "no MatConvNet net given (pass --mcn-net PATH|seed or set mcn_net in the ini)"
+_NO_MODEL = "no Keras model given (pass --keras-model module:callable|PATH or set keras_model in the ini)"
+
+
+def _from_option(spec: str | None, missing: str, make: Callable[[], Any]) -> Any:
+    """``make()`` for a fixture read from the option ``spec``: the test is skipped with
+    "mcn-harness: ``missing``" when the option is not given, and fails with one line when
+    what it names cannot be read."""
+    if spec is None:
+        pytest.skip(f"mcn-harness: {missing}")
+    try:
+        return make()
+    except _OptionError as err:
+        pytest.fail(f"mcn-harness could not run: {safe_text(err)}", pytrace=False)
+
 
 @pytest.fixture
 def mcn_net(request: pytest.FixtureRequest):
     """The MatConvNet net of --mcn-net (tidied; a fresh copy per test)."""
     settings = request.config.stash[_SETTINGS]
-    if settings.net_spec is None:
-        pytest.skip(
-            "mcn-harness: no MatConvNet net given (pass --mcn-net PATH|seed or set mcn_net in the ini)"
-        )
-    try:
-        return settings.net().copy()
-    except _OptionError as err:
-        pytest.fail(f"mcn-harness could not run: {safe_text(err)}", pytrace=False)
+    return _from_option(settings.net_spec, _NO_NET, lambda: settings.net().copy())
 
 
 @pytest.fixture
 def keras_model(request: pytest.FixtureRequest):
     """A fresh keras.Model from --keras-model (the callable is called once per test)."""
     settings = request.config.stash[_SETTINGS]
-    if settings.model_spec is None:
-        pytest.skip(
-            "mcn-harness: no Keras model given (pass --keras-model module:callable|PATH "
-            "or set keras_model in the ini)"
-        )
-    try:
-        return _build_model(settings.factory(), settings.model_option, settings.model_spec)
-    except _OptionError as err:
-        pytest.fail(f"mcn-harness could not run: {safe_text(err)}", pytrace=False)
+    return _from_option(
+        settings.model_spec,
+        _NO_MODEL,
+        lambda: _build_model(settings.factory(), settings.model_option, settings.model_spec),
+    )
 
 
 @pytest.fixture

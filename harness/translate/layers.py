@@ -30,6 +30,11 @@ __all__ = [
 ]
 
 
+def _with_arguments(config: dict, layer, *names: str) -> dict:
+    """A layer's base ``config`` and the constructor arguments ``names`` (held as its attributes)."""
+    return {**config, **{name: getattr(layer, name) for name in names}}
+
+
 @keras.saving.register_keras_serializable(package="mcn_harness")
 class MatConvNetPooling(keras.layers.Layer):
     """vl_nnpool with padding ``((top, bottom), (left, right))`` as clipped windows; max
@@ -79,13 +84,7 @@ class MatConvNetPooling(keras.layers.Layer):
         )
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "pool_size": self.pool_size,
-            "strides": self.strides,
-            "padding": self.padding,
-            "method": self.method,
-        }
+        return _with_arguments(super().get_config(), self, "pool_size", "strides", "padding", "method")
 
 
 @keras.saving.register_keras_serializable(package="mcn_harness")
@@ -106,13 +105,7 @@ class MatConvNetLRN(keras.layers.Layer):
         return x / ops.power(self.kappa + self.alpha * window, self.beta)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "depth": self.depth,
-            "kappa": self.kappa,
-            "alpha": self.alpha,
-            "beta": self.beta,
-        }
+        return _with_arguments(super().get_config(), self, "depth", "kappa", "alpha", "beta")
 
 
 @keras.saving.register_keras_serializable(package="mcn_harness")
@@ -186,14 +179,9 @@ class GroupedConv2DTranspose(keras.layers.Layer):
         )
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "kernel_size": self.kernel_size,
-            "strides": self.strides,
-            "groups": self.groups,
-            "use_bias": self.use_bias,
-        }
+        return _with_arguments(
+            super().get_config(), self, "filters", "kernel_size", "strides", "groups", "use_bias"
+        )
 
 
 @keras.saving.register_keras_serializable(package="mcn_harness")

@@ -49,6 +49,8 @@ __all__ = [
     "conv_to_keras",
     "dense_kernel",
     "dense_kernel_to_filters",
+    "FLATTEN_ORDERS",
+    "permute_order",
     "embed_groups",
     "filters_of",
     "fit_shape",
@@ -105,14 +107,29 @@ def filters_of(layer: Layer) -> np.ndarray:
     return conv_to_keras(layer.weights[0])
 
 
-def dense_kernel(f: np.ndarray) -> np.ndarray:
-    """Filters covering the whole input (``FH x FW x C x K``) -> a Dense kernel for Flatten."""
+def dense_kernel(f: np.ndarray, order: tuple[int, int, int] = (0, 1, 2)) -> np.ndarray:
+    """Filters covering the whole input (``FH x FW x C x K``) -> a Dense kernel for Flatten
+    of the input whose axes ``(H, W, C)`` come in ``order`` (``Permute`` before Flatten:
+    ``Permute((3, 2, 1))`` is order ``(2, 1, 0)``, MATLAB's column-major ``F(:)``)."""
     f = conv_to_keras(f)
-    return f.reshape(-1, f.shape[3])
+    return f.transpose((*order, 3)).reshape(-1, f.shape[3])
 
 
-def dense_kernel_to_filters(kernel: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return np.asarray(kernel).reshape(shape)
+def dense_kernel_to_filters(
+    kernel: np.ndarray, shape: tuple[int, ...], order: tuple[int, int, int] = (0, 1, 2)
+) -> np.ndarray:
+    """The inverse of ``dense_kernel``: a Dense kernel back to ``FH x FW x C x K``."""
+    permuted = tuple(shape[i] for i in order) + (shape[3],)
+    back = [order.index(i) for i in range(3)] + [3]
+    return np.asarray(kernel).reshape(permuted).transpose(back)
+
+
+FLATTEN_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def permute_order(dims) -> tuple[int, int, int]:
+    """Keras ``Permute(dims)`` (1-based, over H, W, C) as a flatten order of (H, W, C)."""
+    return tuple(int(d) - 1 for d in dims)
 
 
 def _group_blocks(groups: int, fc: int, k: int) -> Iterator[tuple[slice, slice]]:
@@ -321,7 +338,8 @@ def aligned_parameter_layers(
     the alignment that has a parameter layer."""
     for pair in alignment.pairs:
         if pair.param_layer is not None:
-            yield pair.index, net.layers[pair.index], model.get_layer(pair.param_layer)
+            layer = alignment.layers.get(pair.param_layer) if alignment.layers else None
+            yield pair.index, net.layers[pair.index], layer or model.get_layer(pair.param_layer)
 
 
 class WeightMap:
@@ -343,6 +361,12 @@ class WeightMap:
         self.dtype = dtype
         self.load = load
         self.kept: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        self.orders: dict[str, tuple[int, int, int]] = {}
+        for pair in alignment.pairs:
+            for name in pair.keras:
+                kl = alignment.layers.get(name) if alignment.layers else None
+                if type(kl).__name__ == "Permute" and pair.param_layer:
+                    self.orders[pair.param_layer] = permute_order(kl.dims)
         for index, layer, klayer in aligned_parameter_layers(net, model, alignment):
             try:
                 self._load(layer, klayer, index)
@@ -359,7 +383,7 @@ class WeightMap:
         b = layer.weights[1] if len(layer.weights) > 1 else None
         kernel_shape = current[0].shape
         dense = type(klayer).__name__ == "Dense"
-        want = dense_kernel(f) if dense else f
+        want = dense_kernel(f, self.orders.get(klayer.name, (0, 1, 2))) if dense else f
         if want.shape != kernel_shape and (not dense or f.shape[0] * f.shape[1] == 1):
             want = self._embed(klayer, f, kernel_shape, dense=dense)
         values = [want]
@@ -424,6 +448,8 @@ class WeightMap:
         if klayer.name in self.embedded:
             groups, fshape = self.embedded[klayer.name]
             gk, off = split_groups(gk, groups, fshape)
+        if type(klayer).__name__ == "Dense" and gk.ndim == 2 and klayer.name in self.orders:
+            gk = dense_kernel_to_filters(gk, f.shape, self.orders[klayer.name])
         out.append((ROLES["kernel"].gradient, fit_shape(gk, f.shape), off))
         b = layer.weights[1] if len(layer.weights) > 1 else None
         if len(grads) > 1 and not is_empty(b):

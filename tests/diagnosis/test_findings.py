@@ -46,7 +46,10 @@ def test_question_model_findings(seed):
 def test_fixed_model_has_no_architecture_or_init_findings(seed):
     kinds = {f.kind for f in diagnose(seed, fixed_model.build_model())}
     assert not kinds & {"groups", "initialisation", "optimizer", "stride", "padding", "alignment"}
-    assert "weight decay" in kinds  # stock SGD has none: honest finding
+    # its optimizer is harness.matconvnet_optimizer: coupled weight decay exactly cnn_train's
+    assert "weight decay" not in kinds
+    # ... but its schedule has steps_per_epoch=1, which counts epochs in steps
+    assert "schedule steps" in kinds
 
 
 def test_faithful_translation_has_no_layer_findings(seed):

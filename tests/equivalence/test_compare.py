@@ -50,7 +50,7 @@ def test_fixed_model_is_equivalent(seed, batch):
 def test_report_text_and_json(seed, batch):
     report = harness.compare(seed, question_model.build_model(), *batch, dialect="beta25")
     data = json.loads(report.to_json())
-    assert data["schema"] == "mcn-harness/report/3" and data["ok"] is False
+    assert data["schema"] == "mcn-harness/report/4" and data["ok"] is False
     assert data["first_divergence"]["culprit"] == "ip1"
     assert "summed over pixels and over the batch" in data["convention"]
     row = next(r for r in data["rows"] if r["tensor"] == "dzdw{1}*")

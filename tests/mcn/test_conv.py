@@ -13,6 +13,7 @@ filter minus the padding; crops below the filter size.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -22,27 +23,28 @@ from hypothesis import strategies as st
 import harness.mcn.kernels.conv_gemm as conv_gemm
 from harness.mcn import McnError, vl_nnconv, vl_nnconvt
 
-STEP = 1e-6
+from ..gradcheck import central_difference
+
 MAX_COORDS = 24
 
 
-def grad_check(fun, arrays: dict[str, np.ndarray], analytic: dict[str, np.ndarray], seed: int) -> None:
-    """Central differences of the scalar ``fun()`` at up to MAX_COORDS elements of each array."""
+def grad_check(op, x, f, b, opts: dict, dzdy, grads, seed: int) -> None:
+    """Central differences of the scalar ``sum(op(x, f, b, **opts) * dzdy)`` against ``grads``
+    (op's dzdx, dzdf, dzdb) at up to MAX_COORDS elements of each of x, f and b that holds
+    values (f and b may be None or empty)."""
     __tracebackhide__ = True
     rng = np.random.default_rng(seed)
-    for name, a in arrays.items():
+
+    def fun() -> float:
+        return float(np.sum(op(x, f, b, **opts) * dzdy))
+
+    for name, a, analytic in zip("xfb", (x, f, b), grads, strict=True):
+        if a is None or a.size == 0:
+            continue
         flat = a.reshape(-1)
         coords = rng.choice(flat.size, size=min(flat.size, MAX_COORDS), replace=False)
-        numeric = np.empty(coords.size)
-        for t, i in enumerate(coords):
-            old = flat[i]
-            flat[i] = old + STEP
-            up = fun()
-            flat[i] = old - STEP
-            down = fun()
-            flat[i] = old
-            numeric[t] = (up - down) / (2 * STEP)
-        got = np.asarray(analytic[name]).reshape(-1)[coords]
+        numeric = np.array([central_difference(fun, flat, i) for i in coords])
+        got = np.asarray(analytic).reshape(-1)[coords]
         np.testing.assert_allclose(got, numeric, rtol=1e-6, atol=1e-7, err_msg=f"d/d{name}")
 
 
@@ -70,9 +72,9 @@ def loop_conv(x, f, b, pad, stride, dilate):
     return y
 
 
-def loop_convt(x, f, b, upsample, crop, groups):
+def loop_convt(x, f, b, upsample, crop, num_groups):
     """vl_nnconvt's definition: every input pixel scatters its filter into the output."""
-    (uy, ux), (ct, cb, cl, cr) = upsample, crop
+    (uy, ux), (ct, cb, cl, cr), groups = upsample, crop, num_groups
     h, w, d, n = x.shape
     fh, fw, k, _ = f.shape
     dg = d // groups
@@ -98,9 +100,35 @@ def make_bias(rng, k: int, form: str):
     return {"row": b.reshape(1, k), "column": b.reshape(k, 1), "vector": b, "none": None}[form]
 
 
+@dataclass(frozen=True)
+class Case:
+    """A drawn case: x and f shapes, the op's options (the loop's arguments too), the number
+    of biases and their form, and the seed of the arrays."""
+
+    xshape: tuple[int, ...]
+    fshape: tuple[int, ...]
+    opts: dict
+    biases: int
+    form: str
+    seed: int
+
+    def arrays(self, form: str | None = None):
+        """The generator seeded by the case, and x, f and b drawn from it (b in ``form``,
+        when given, else in the case's form)."""
+        rng = np.random.default_rng(self.seed)
+        x, f = rng.standard_normal(self.xshape), rng.standard_normal(self.fshape)
+        return rng, x, f, make_bias(rng, self.biases, form or self.form)
+
+
+def drawn_case(draw, xshape, fshape, opts: dict, biases: int) -> Case:
+    """The Case of drawn shapes and options; its bias form and seed are drawn last."""
+    form = draw(st.sampled_from(BIAS_FORMS))
+    return Case(xshape, fshape, opts, biases, form, seed=draw(st.integers(0, 2**32 - 1)))
+
+
 @st.composite
-def conv_cases(draw, max_size: int = 7, row_gemm: bool = False):
-    """(x shape, f shape, pad [T B L R], stride, dilate, bias form, seed): valid by construction.
+def conv_cases(draw, max_size: int = 7, row_gemm: bool = False) -> Case:
+    """A Case with options pad [T B L R], stride, dilate: valid by construction.
 
     Groups G, per-group depth FC and filters per group KG are drawn first (C = G*FC,
     K = G*KG); H and W are at least the dilated filter extent minus the padding.
@@ -117,37 +145,8 @@ def conv_cases(draw, max_size: int = 7, row_gemm: bool = False):
     h = draw(st.integers(max(1, ext_h - pad[0] - pad[1]), max_size))
     w = draw(st.integers(max(1, ext_w - pad[2] - pad[3]), max_size))
     n = draw(st.integers(1, 2))
-    form = draw(st.sampled_from(BIAS_FORMS))
-    seed = draw(st.integers(0, 2**32 - 1))
-    return (h, w, groups * fc, n), (fh, fw, fc, groups * kg), pad, stride, dilate, form, seed
-
-
-@settings(deadline=None)
-@given(case=conv_cases())
-def test_conv_forward_matches_loops_and_gradients(case):
-    xshape, fshape, pad, stride, dilate, form, seed = case
-    rng = np.random.default_rng(seed)
-    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
-    b = make_bias(rng, fshape[3], form)
     opts = dict(pad=pad, stride=stride, dilate=dilate)
-
-    y = vl_nnconv(x, f, b, **opts)
-    np.testing.assert_allclose(y, loop_conv(x, f, b, pad, stride, dilate), rtol=1e-12, atol=1e-12)
-
-    dzdy = rng.standard_normal(y.shape)
-    dzdx, dzdf, dzdb = vl_nnconv(x, f, b, dzdy, **opts)
-    assert dzdx.shape == x.shape and dzdf.shape == f.shape
-    if b is None:
-        assert dzdb.size == 0
-    else:
-        assert dzdb.shape == b.shape
-    arrays = {"x": x, "f": f} | ({} if b is None else {"b": b})
-    grad_check(
-        lambda: float(np.sum(vl_nnconv(x, f, b, **opts) * dzdy)),
-        arrays,
-        {"x": dzdx, "f": dzdf, "b": dzdb},
-        seed,
-    )
+    return drawn_case(draw, (h, w, groups * fc, n), (fh, fw, fc, groups * kg), opts, groups * kg)
 
 
 @settings(deadline=None)
@@ -174,18 +173,12 @@ def test_conv_empty_filters_subsamples_and_gradients(h, w, c, pad, stride, with_
     dzdx, dzdf, dzdb = vl_nnconv(x, f, b, dzdy, pad=pad, stride=stride)
     assert dzdf.shape == (0, 0) and dzdf.dtype == x.dtype
     assert dzdb.shape == ((1, c) if with_bias else (0, 0))
-    arrays = {"x": x} | ({"b": b} if with_bias else {})
-    grad_check(
-        lambda: float(np.sum(vl_nnconv(x, f, b, pad=pad, stride=stride) * dzdy)),
-        arrays,
-        {"x": dzdx, "b": dzdb},
-        seed,
-    )
+    grad_check(vl_nnconv, x, f, b, dict(pad=pad, stride=stride), dzdy, (dzdx, dzdf, dzdb), seed)
 
 
 @st.composite
-def convt_cases(draw, max_size: int = 5, row_gemm: bool = False):
-    """(x shape, f shape FH x FW x K x D, upsample, crop [T B L R], groups, bias form, seed).
+def convt_cases(draw, max_size: int = 5, row_gemm: bool = False) -> Case:
+    """A Case with f of shape FH x FW x K x D and options upsample, crop [T B L R], num_groups.
 
     num_groups G and the per-group input depth are drawn first (D = G*DG); crops are
     drawn below the filter size per axis so the output is never empty. Shrinks toward one
@@ -200,48 +193,45 @@ def convt_cases(draw, max_size: int = 5, row_gemm: bool = False):
     cl = draw(st.integers(0, fw - 1))
     cr = draw(st.integers(0, fw - 1 - cl))
     h, w, n = draw(st.integers(1, max_size)), draw(st.integers(1, max_size)), draw(st.integers(1, 2))
-    form = draw(st.sampled_from(BIAS_FORMS))
-    seed = draw(st.integers(0, 2**32 - 1))
-    return (h, w, groups * dg, n), (fh, fw, k, groups * dg), upsample, (ct, cb, cl, cr), groups, form, seed
+    opts = dict(upsample=upsample, crop=(ct, cb, cl, cr), num_groups=groups)
+    return drawn_case(draw, (h, w, groups * dg, n), (fh, fw, k, groups * dg), opts, k * groups)
 
 
+@pytest.mark.parametrize(
+    "op, loop, cases",
+    [(vl_nnconv, loop_conv, conv_cases()), (vl_nnconvt, loop_convt, convt_cases())],
+    ids=["conv", "convt"],
+)
 @settings(deadline=None)
-@given(case=convt_cases())
-def test_convt_forward_matches_loops_and_gradients(case):
-    xshape, fshape, upsample, crop, groups, form, seed = case
-    rng = np.random.default_rng(seed)
-    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
-    b = make_bias(rng, fshape[2] * groups, form)
-    opts = dict(upsample=upsample, crop=crop, num_groups=groups)
-
-    y = vl_nnconvt(x, f, b, **opts)
-    np.testing.assert_allclose(y, loop_convt(x, f, b, upsample, crop, groups), rtol=1e-12, atol=1e-12)
-    assert y.shape[:2] == (
-        (xshape[0] - 1) * upsample[0] - crop[0] - crop[1] + fshape[0],
-        (xshape[1] - 1) * upsample[1] - crop[2] - crop[3] + fshape[1],
-    )
+@given(data=st.data())
+def test_forward_matches_loops_and_gradients(op, loop, cases, data):
+    case = data.draw(cases, label="case")
+    rng, x, f, b = case.arrays()
+    y = op(x, f, b, **case.opts)
+    np.testing.assert_allclose(y, loop(x, f, b, **case.opts), rtol=1e-12, atol=1e-12)
 
     dzdy = rng.standard_normal(y.shape)
-    dzdx, dzdf, dzdb = vl_nnconvt(x, f, b, dzdy, **opts)
+    dzdx, dzdf, dzdb = op(x, f, b, dzdy, **case.opts)
     assert dzdx.shape == x.shape and dzdf.shape == f.shape
-    assert dzdb.size == 0 if b is None else dzdb.shape == b.shape
-    arrays = {"x": x, "f": f} | ({} if b is None else {"b": b})
-    grad_check(
-        lambda: float(np.sum(vl_nnconvt(x, f, b, **opts) * dzdy)),
-        arrays,
-        {"x": dzdx, "f": dzdf, "b": dzdb},
-        seed,
-    )
+    if b is None:
+        assert dzdb.size == 0
+    else:
+        assert dzdb.shape == b.shape
+    grad_check(op, x, f, b, case.opts, dzdy, (dzdx, dzdf, dzdb), case.seed)
 
 
 @settings(deadline=None)
 @given(case=convt_cases())
 def test_convt_is_the_adjoint_of_conv(case):
     """vl_nnconvt.m: Y(:) = M' X(:) where U(:) = M V(:) is vl_nnconv(V, F, [], stride, pad)."""
-    xshape, fshape, upsample, crop, groups, _, seed = case
-    rng = np.random.default_rng(seed)
-    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
-    y = vl_nnconvt(x, f, None, upsample=upsample, crop=crop, num_groups=groups)
+    rng = np.random.default_rng(case.seed)
+    x, f = rng.standard_normal(case.xshape), rng.standard_normal(case.fshape)
+    y = vl_nnconvt(x, f, None, **case.opts)
+    upsample, crop = case.opts["upsample"], case.opts["crop"]
+    assert y.shape[:2] == (
+        (x.shape[0] - 1) * upsample[0] - crop[0] - crop[1] + f.shape[0],
+        (x.shape[1] - 1) * upsample[1] - crop[2] - crop[3] + f.shape[1],
+    )
     v = rng.standard_normal(y.shape)
     u = vl_nnconv(v, f, None, stride=upsample, pad=crop)
     assert u.shape == x.shape
@@ -252,14 +242,10 @@ def test_convt_is_the_adjoint_of_conv(case):
 @given(case=conv_cases(), ones=st.booleans())
 def test_conv_derivatives_are_consistent(case, ones):
     """Bilinearity: <dzdx, x> = <dzdf, f> = <dzdy, y - b>; with dzdy = 1, dzdb counts outputs."""
-    xshape, fshape, pad, stride, dilate, form, seed = case
-    rng = np.random.default_rng(seed)
-    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
-    b = make_bias(rng, fshape[3], "row" if form == "none" else form)
-    opts = dict(pad=pad, stride=stride, dilate=dilate)
-    y = vl_nnconv(x, f, b, **opts)
+    rng, x, f, b = case.arrays("row" if case.form == "none" else case.form)
+    y = vl_nnconv(x, f, b, **case.opts)
     dzdy = np.ones_like(y) if ones else rng.standard_normal(y.shape)
-    dzdx, dzdf, dzdb = vl_nnconv(x, f, b, dzdy, **opts)
+    dzdx, dzdf, dzdb = vl_nnconv(x, f, b, dzdy, **case.opts)
     linear = np.sum(dzdy * (y - np.reshape(b, (-1, 1))))
     np.testing.assert_allclose(np.sum(dzdx * x), linear, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(np.sum(dzdf * f), linear, rtol=1e-9, atol=1e-9)
@@ -267,8 +253,8 @@ def test_conv_derivatives_are_consistent(case, ones):
         ho, wo, k, n = y.shape
         np.testing.assert_array_equal(np.ravel(dzdb), np.full(k, ho * wo * n))
         # Every filter of a group sees the same patches, so their derivatives coincide.
-        groups = xshape[2] // fshape[2]
-        per_group = dzdf.reshape(fshape[:3] + (groups, fshape[3] // groups))
+        groups = x.shape[2] // f.shape[2]
+        per_group = dzdf.reshape(f.shape[:3] + (groups, f.shape[3] // groups))
         np.testing.assert_allclose(
             per_group, np.broadcast_to(per_group[..., :1], per_group.shape), rtol=1e-12, atol=1e-12
         )
@@ -285,49 +271,27 @@ def row_gemm_path(enabled: bool):
         conv_gemm.ROWS_MIN_DEPTH, conv_gemm.ROWS_MIN_PIXELS = saved
 
 
+@pytest.mark.parametrize(
+    "op, loop, cases",
+    [(vl_nnconv, loop_conv, conv_cases(row_gemm=True)), (vl_nnconvt, loop_convt, convt_cases(row_gemm=True))],
+    ids=["conv", "convt"],
+)
 @settings(deadline=None)
-@given(case=conv_cases(row_gemm=True))
-def test_row_gemm_conv_matches_loops_gradients_and_columns(case):
+@given(data=st.data())
+def test_row_gemm_matches_loops_gradients_and_columns(op, loop, cases, data):
     """The row-GEMM path (one BLAS product per output row and tap) against the definition,
     central differences, and the column-matrix path."""
-    xshape, fshape, pad, stride, dilate, form, seed = case
-    rng = np.random.default_rng(seed)
-    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
-    b = make_bias(rng, fshape[3], form)
-    opts = dict(pad=pad, stride=stride, dilate=dilate)
+    case = data.draw(cases, label="case")
+    rng, x, f, b = case.arrays()
+    opts = case.opts
     with row_gemm_path(True):
-        y = vl_nnconv(x, f, b, **opts)
+        y = op(x, f, b, **opts)
         dzdy = rng.standard_normal(y.shape)
-        grads = vl_nnconv(x, f, b, dzdy, **opts)
-        arrays = {"x": x, "f": f} | ({} if b is None else {"b": b})
-        grad_check(
-            lambda: float(np.sum(vl_nnconv(x, f, b, **opts) * dzdy)),
-            arrays,
-            dict(zip("xfb", grads, strict=True)),
-            seed,
-        )
-    np.testing.assert_allclose(y, loop_conv(x, f, b, pad, stride, dilate), rtol=1e-12, atol=1e-12)
+        grads = op(x, f, b, dzdy, **opts)
+        grad_check(op, x, f, b, opts, dzdy, grads, case.seed)
+    np.testing.assert_allclose(y, loop(x, f, b, **opts), rtol=1e-12, atol=1e-12)
     with row_gemm_path(False):
-        columns = vl_nnconv(x, f, b, dzdy, **opts)
-    for got, want in zip(grads, columns, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-
-
-@settings(deadline=None)
-@given(case=convt_cases(row_gemm=True))
-def test_row_gemm_convt_matches_loops_and_columns(case):
-    xshape, fshape, upsample, crop, groups, form, seed = case
-    rng = np.random.default_rng(seed)
-    x, f = rng.standard_normal(xshape), rng.standard_normal(fshape)
-    b = make_bias(rng, fshape[2] * groups, form)
-    opts = dict(upsample=upsample, crop=crop, num_groups=groups)
-    with row_gemm_path(True):
-        y = vl_nnconvt(x, f, b, **opts)
-        dzdy = rng.standard_normal(y.shape)
-        grads = vl_nnconvt(x, f, b, dzdy, **opts)
-    np.testing.assert_allclose(y, loop_convt(x, f, b, upsample, crop, groups), rtol=1e-12, atol=1e-12)
-    with row_gemm_path(False):
-        columns = vl_nnconvt(x, f, b, dzdy, **opts)
+        columns = op(x, f, b, dzdy, **opts)
     for got, want in zip(grads, columns, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 

@@ -15,6 +15,8 @@ from harness.mcn import (
 )
 from harness.mcn.net import Layer, Net
 
+from ..helpers import set_bnorm_moments
+
 
 @pytest.fixture(scope="module")
 def seed() -> Net:
@@ -119,10 +121,7 @@ def test_dialects_differ_by_batch_size_in_loss_and_bnorm_moments():
 def test_test_mode_uses_stored_moments_forward_but_batch_statistics_backward():
     net = seed_net(seed=2, batch_normalization=True)
     rng = np.random.RandomState(4)
-    for layer in net.layers:
-        if layer.type == "bnorm":
-            c = layer.weights[0].shape[0]
-            layer.weights[2] = np.stack([rng.randn(c), 1 + rng.rand(c)], axis=1).astype(np.float32)
+    set_bnorm_moments(net, rng)
     x = rng.randn(28, 28, 1, 3).astype(np.float32)
     test = vl_simplenn(net, x, 1.0, _labels(3), mode="test")
     normal = vl_simplenn(net, x, 1.0, _labels(3), mode="normal")

@@ -29,6 +29,7 @@ from harness.mcn.train import (
     prepare_net,
 )
 from tests.golden import case_names, case_net, load_case
+from tests.helpers import bnorm_layer
 
 RTOL = 1e-11
 NOISE_NORM = 1e-14
@@ -168,15 +169,7 @@ def _tiny_net(seed: int, *, bnorm: bool = False, classes: int = 3, dtype=np.floa
         Layer("conv", "conv1", [r.randn(3, 3, 2, 3) * 0.5, r.randn(1, 3) * 0.1], pad=0, stride=1),
     ]
     if bnorm:
-        layers.append(
-            Layer(
-                "bnorm",
-                "bn1",
-                [1 + 0.1 * r.randn(3, 1), 0.1 * r.randn(3, 1), np.zeros((3, 2))],
-                learning_rate=np.array([[1.0, 1.0, 0.1]]),
-                weight_decay=np.array([[0.0, 0.0]]),
-            )
-        )
+        layers.append(bnorm_layer(r, 3))
     layers += [
         Layer("relu", "relu1"),
         Layer("conv", "fc", [r.randn(3, 3, 3, classes) * 0.5, r.randn(1, classes) * 0.1], pad=0, stride=1),

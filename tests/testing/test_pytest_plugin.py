@@ -60,7 +60,7 @@ def test_fixed_model_passes_and_reports(user: pytest.Pytester):
     reports = _reports(user.path / "out")
     assert list(reports) == ["test_user.py_test_port_matches_matconvnet.json"]
     data = reports["test_user.py_test_port_matches_matconvnet.json"]
-    assert data["schema"] == "mcn-harness/report/3" and data["ok"] is True
+    assert data["schema"] == "mcn-harness/report/4" and data["ok"] is True
     assert (data["dtype"], data["mode"], data["dialect"]) == ("float64", "normal", "master")
 
 

@@ -18,17 +18,22 @@ def imdb():
     return digits_imdb()
 
 
-@pytest.fixture(scope="module")
-def fixed_run(imdb):
+def short_run(model_module, imdb, epochs: int):
+    """The seed net against ``model_module``'s model: ``epochs`` epochs of at most two steps of 8 images."""
     return train_parity(
         seed_net(0),
-        fixed_model.build_model(),
+        model_module.build_model(),
         imdb,
-        epochs=2,
+        epochs=epochs,
         batch_size=8,
         max_steps_per_epoch=2,
         progress=None,
     )
+
+
+@pytest.fixture(scope="module")
+def fixed_run(imdb):
+    return short_run(fixed_model, imdb, epochs=2)
 
 
 def test_corrected_model_coincides_within_float32_drift(fixed_run):
@@ -41,15 +46,7 @@ def test_corrected_model_coincides_within_float32_drift(fixed_run):
 
 
 def test_question_model_parts_from_the_first_step(imdb):
-    run = train_parity(
-        seed_net(0),
-        question_model.build_model(),
-        imdb,
-        epochs=1,
-        batch_size=8,
-        max_steps_per_epoch=2,
-        progress=None,
-    )
+    run = short_run(question_model, imdb, epochs=1)
     first = run.steps[0]
     assert first.max_weight_diff > 1e-4  # RMSprop vs SGD with momentum: a different first step
     assert run.settings["optimizer"] == "RMSprop"

@@ -55,6 +55,8 @@ from harness.training.replay import TRAINING_TOLERANCES, TrainingReport, compare
 from harness.translate import to_keras
 from harness.translate.optim import matconvnet_optimizer
 
+from ..helpers import bnorm_layer
+
 A = 2.0**-7  # SGD/adadelta rate; exact in float32 (0.01 is not)
 B = 2.0**-10  # adaptive solvers' rate
 M = 0.875  # momentum, exact in float32 (0.9 is not)
@@ -153,6 +155,22 @@ def note(report: TrainingReport, pattern: str) -> str:
 
 def max_update(report: TrainingReport, step: int, kind: str = "weight") -> float:
     return max((r.update_rel or 0.0) for r in report.rows_at(step) if r.kind == kind and not r.limitation)
+
+
+def train_keras_default(
+    net: Net, opts: TrainOpts, optimizer: type[keras.optimizers.Optimizer], step1, step3, state1=None
+) -> TrainingReport:
+    """A Keras solver with its defaults, at cnn_train's schedule: it parts at step 1, with
+    the weights' error (lo, hi) ranges ``step1`` after step 1 and ``step3`` after the
+    change, and the state's ``state1`` after step 1 (when given)."""
+    __tracebackhide__ = True
+    report = train(net, opts, optimizer(piecewise(B)))
+    assert report.first_divergence["step"] == 1
+    assert_within(report.max_rel(1, kind="weight"), *step1, "step 1")
+    if state1 is not None:
+        assert_within(report.max_rel(1, kind="state"), *state1, "g_sqr at step 1")
+    assert_within(report.max_rel(3, kind="weight"), *step3, "after the change")
+    return report
 
 
 # ------------------------------------------------------------------------------ SGD
@@ -260,11 +278,9 @@ def test_keras_2_decay_is_an_inverse_time_learning_rate_decay():
 def test_rmsprop_rho_and_epsilon_placement():
     net = small_net()
     opts = solver_opts("rmsprop")
-    keras_default = train(net, opts, keras.optimizers.RMSprop(piecewise(B)))
-    assert keras_default.first_divergence["step"] == 1
-    assert_within(keras_default.max_rel(1, kind="weight"), 3e-3, 3e-2, "step 1")  # 9.2e-3
-    assert_within(keras_default.max_rel(1, kind="state"), 0.5, 1.0, "g_sqr at step 1")  # 0.90: rho
-    assert_within(keras_default.max_rel(3, kind="weight"), 5e-3, 5e-2, "after the change")  # 1.9e-2
+    keras_default = train_keras_default(
+        net, opts, keras.optimizers.RMSprop, step1=(3e-3, 3e-2), state1=(0.5, 1.0), step3=(5e-3, 5e-2)
+    )  # 9.2e-3, g_sqr 0.90 (rho), 1.9e-2
     assert "INSIDE" in note(keras_default, "rho 0.9 \\(cnn_train 0.99\\)")
     matched = train(net, opts, keras.optimizers.RMSprop(piecewise(B), rho=0.99, epsilon=1e-8))
     assert matched.first_divergence["step"] == 1
@@ -278,10 +294,9 @@ def test_rmsprop_rho_and_epsilon_placement():
 def test_adam_epsilon():
     net = small_net()
     opts = solver_opts("adam")
-    keras_default = train(net, opts, keras.optimizers.Adam(piecewise(B)))
-    assert keras_default.first_divergence["step"] == 1
-    assert_within(keras_default.max_rel(1, kind="weight"), 1e-7, 2e-6, "step 1")  # 4.2e-7
-    assert_within(keras_default.max_rel(3, kind="weight"), 1e-7, 2e-6, "after the change")  # 4.3e-7
+    keras_default = train_keras_default(
+        net, opts, keras.optimizers.Adam, step1=(1e-7, 2e-6), step3=(1e-7, 2e-6)
+    )  # 4.2e-7, 4.3e-7
     note(keras_default, "epsilon 1e-07 \\(cnn_train: 0.9, 0.999, 1e-08\\)")
     eps = train(net, opts, keras.optimizers.Adam(piecewise(B), epsilon=1e-8))
     # what remains is Keras casting beta_1/beta_2 to float32 for the bias correction
@@ -297,11 +312,9 @@ def test_adam_epsilon():
 def test_adagrad_initial_accumulator():
     net = small_net()
     opts = solver_opts("adagrad")
-    keras_default = train(net, opts, keras.optimizers.Adagrad(piecewise(B)))
-    assert keras_default.first_divergence["step"] == 1
-    assert_within(keras_default.max_rel(1, kind="weight"), 3e-4, 5e-3, "step 1")  # 1.3e-3
-    assert_within(keras_default.max_rel(1, kind="state"), 1e-2, 0.2, "g_sqr at step 1")  # 4.9e-2
-    assert_within(keras_default.max_rel(3, kind="weight"), 3e-4, 5e-3, "after the change")  # 1.6e-3
+    keras_default = train_keras_default(
+        net, opts, keras.optimizers.Adagrad, step1=(3e-4, 5e-3), state1=(1e-2, 0.2), step3=(3e-4, 5e-3)
+    )  # 1.3e-3, g_sqr 4.9e-2, 1.6e-3
     note(keras_default, "accumulator at 0.1")
     zero = train(
         net, opts, keras.optimizers.Adagrad(piecewise(B), initial_accumulator_value=0.0, epsilon=1e-10)
@@ -380,16 +393,7 @@ def test_report_text_and_json_are_stable():
 def test_bnorm_sigma_is_a_known_difference_and_beta25_divides_by_the_batch():
     r = np.random.RandomState(7)
     net = small_net()
-    net.layers.insert(
-        1,
-        Layer(
-            "bnorm",
-            "bn1",
-            [1 + 0.1 * r.randn(4, 1), 0.1 * r.randn(4, 1), np.zeros((4, 2))],
-            learning_rate=np.array([[1.0, 1.0, 0.1]]),
-            weight_decay=np.array([[0.0, 0.0]]),
-        ),
-    )
+    net.layers.insert(1, bnorm_layer(r, 4))
     net.layers[0].weights[1] = np.zeros((0, 0))  # no bias before a bnorm (insertBnorm)
     for dialect in ("master", "beta25"):
         opts = TrainOpts(learning_rate=[A, A / 8], momentum=M, weight_decay=WD, dialect=dialect)

@@ -11,6 +11,7 @@ from harness.mcn import seed_net, vl_simplenn, vl_simplenn_tidy
 from harness.translate import keras_name, net_from_keras, to_hwcn, to_keras, to_nhwc
 
 from ..golden import case_net, load_case
+from ..helpers import set_bnorm_moments
 
 
 def _batch(net, n=3, seed=0):
@@ -108,10 +109,7 @@ def test_untrusted_names_are_made_safe():
 def test_test_mode_bnorm_quirk_is_a_recorded_limitation():
     net = seed_net(seed=3, batch_normalization=True)
     rng = np.random.RandomState(1)
-    for layer in net.layers:
-        if layer.type == "bnorm":
-            c = layer.weights[0].shape[0]
-            layer.weights[2] = np.stack([rng.randn(c) * 0.01, 0.5 + rng.rand(c)], axis=1).astype(np.float32)
+    set_bnorm_moments(net, rng, mu_scale=0.01, sigma_min=0.5)
     x, labels = _batch(net, 3)
     report = harness.compare(net, to_keras(net), x, labels, mode="test")
     assert report.ok, str(report)

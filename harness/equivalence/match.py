@@ -104,6 +104,7 @@ def match_outputs(
     hints: list[str | None] | None = None,
     layouts: str = "any",
     inside: list[str | None] | None = None,
+    layout_ops: list[bool] | None = None,
 ) -> list[Match]:
     """One ``Match`` per reference output ``refs[i]`` (``H x W x C x N``) among
     ``captures`` (Keras tensors, batch first, in execution order). With ``alt`` (the
@@ -139,8 +140,9 @@ def match_outputs(
             if cap.shape[0] != ref.shape[3] or inside and inside[j] is not None and inside[j] != hint:
                 continue
             for view in _views(cap.shape, hwc):
-                if layouts == "own" and view[1] != (0, 1, 2):
-                    continue
+                moved = layout_ops is not None and not layout_ops[j]
+                if view[1] != (0, 1, 2) and (layouts == "own" or moved):
+                    continue  # only a layout op (Permute, Flatten) holds another order
                 value = to_mcn_view(cap, view, hwc)
                 rel = _rel(ref, value, scale)
                 if other is not None and other.shape == ref.shape:

@@ -183,7 +183,14 @@ def compare(
     ]
     hints += [None] * (compared - len(hints))
     matches = match_outputs(
-        refs, side.values, side.labels, tol.forward, named=side.named, hints=hints, inside=side.inside
+        refs,
+        side.values,
+        side.labels,
+        tol.forward,
+        named=side.named,
+        hints=hints,
+        inside=side.inside,
+        layout_ops=side.layout_ops,
     )
     alt = None
     if run_dtype == "float64" and not all(m.exact for m in matches):
@@ -201,6 +208,7 @@ def compare(
             named=side.named,
             hints=hints,
             inside=side.inside,
+            layout_ops=side.layout_ops,
         )
     rows = _rows(net, alignment, params, res, side, matches, tol, alt, model_dtype(model))
     limitations = []
@@ -270,6 +278,10 @@ class _KerasSide:
         self.named = [c.layer is not None for c in obs.captures]
         self.op_types = [c.op_type for c in obs.captures]
         self.leaf_ids = {id(l) for l in obs.leaves}
+        # tensors made by a layout op: the only ones that may hold another axis order
+        self.layout_ops = [
+            c.op_type in ("Transpose", "Reshape", "Squeeze", "ExpandDims") for c in obs.captures
+        ]
         # the leaf Keras layer a capture was computed inside (None: a layer's or the model's own)
         self.inside = [c.inside for c in obs.captures]
         self.grads = obs.grads

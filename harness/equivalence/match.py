@@ -72,6 +72,12 @@ def _views(shape: tuple[int, ...], hwc: tuple[int, int, int]) -> Iterator[tuple[
             yield ("flat", order)
 
 
+def usual_view(shape: tuple[int, ...], hwc: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]] | None:
+    """The most usual layout in which a tensor of ``shape`` holds an ``H x W x C`` image
+    per batch element (None: it cannot)."""
+    return next(iter(_views(tuple(shape), hwc)), None)
+
+
 def to_mcn_view(
     value: np.ndarray, view: tuple[str, tuple[int, int, int]], hwc: tuple[int, ...]
 ) -> np.ndarray:
@@ -155,7 +161,7 @@ def match_outputs(
             if found:
                 break
         if found is not None and found.capture > cursor:
-            found = _prefer_named(found, ref, other, captures, hwc, scale, tol, named, inside)
+            found = _prefer_named(found, ref, other, captures, hwc, scale, tol, named, inside, labels)
         if found is None:
             best = _nearest(best, ref, captures, labels, hwc, scale, cursor, hint)
         match = found or best
@@ -169,31 +175,45 @@ def match_outputs(
 
 
 def _prefer_named(
-    found: Match, ref, other, captures, hwc, scale: float, tol: float, named, inside=None
+    found: Match, ref, other, captures, hwc, scale: float, tol: float, named, inside=None, labels=None
 ) -> Match:
     """The tensor a layer returned, in N x H x W x C, among the run of matching tensors
     that starts at ``found`` (a conv's op output and the layer's output are equal when
-    its bias is zero; a pooling layer may compute through transposes)."""
+    its bias is zero; a pooling layer may compute through transposes). A tensor computed
+    inside a Keras layer gives way to that layer's own output when it matches too,
+    however many tensors in between do not (a batch norm's mean equals its output on a
+    batch whose normalised values are all zero)."""
     if named is None:
         return found
+
+    def hit_at(j: int) -> Match | None:
+        cap = captures[j]
+        if cap.shape[0] != ref.shape[3]:
+            return None
+        for view in _views(cap.shape, hwc):
+            value = to_mcn_view(cap, view, hwc)
+            rel = _rel(ref, value, scale)
+            if other is not None and other.shape == ref.shape:
+                rel = min(rel, _rel(other, value, scale))
+            if rel <= tol:
+                return Match(j, view, True, rel)
+        return None
+
+    host = inside[found.capture] if inside is not None and labels is not None else None
+    if host is not None:
+        for j in range(found.capture + 1, len(captures)):
+            if labels[j] == host and inside[j] is None and named[j]:
+                hit = hit_at(j)
+                if hit is not None and hit.view == ("nhwc", (0, 1, 2)):
+                    return hit
+                break
     run: list[Match] = []
     j = found.capture
     while j < len(captures):
-        cap = captures[j]
-        hit = None
-        views = list(_views(cap.shape, hwc)) if cap.shape[0] == ref.shape[3] else []
-        if not views:  # a tensor of another shape (a kernel's side output) does not end the run
-            j += 1
+        if captures[j].shape[0] != ref.shape[3] or next(iter(_views(captures[j].shape, hwc)), None) is None:
+            j += 1  # a tensor of another shape (a kernel's side output) does not end the run
             continue
-        if views:
-            for view in views:
-                value = to_mcn_view(cap, view, hwc)
-                rel = _rel(ref, value, scale)
-                if other is not None and other.shape == ref.shape:
-                    rel = min(rel, _rel(other, value, scale))
-                if rel <= tol:
-                    hit = Match(j, view, True, rel)
-                    break
+        hit = hit_at(j)
         if hit is None:
             break
         run.append(hit)

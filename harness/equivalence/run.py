@@ -19,7 +19,7 @@ import numpy as np
 
 from harness.equivalence.align import align
 from harness.equivalence.keras_pass import LOSS_TYPES, keras_batch_loss
-from harness.equivalence.match import Match, match_outputs, to_mcn_view
+from harness.equivalence.match import Match, match_outputs, to_mcn_view, usual_view
 from harness.equivalence.metrics import measure, nonfinite_summary
 from harness.equivalence.observe import discover, observe
 from harness.equivalence.precision import float64_copy, model_dtype, rounded_reference_net
@@ -724,21 +724,33 @@ def _extra_operations_culprit(
     net: Net, i: int, res: list[Res], side: _KerasSide, matches: list[Match], mode: str, dialect: str
 ) -> str | None:
     """The layer before ``i`` when MatConvNet's layer ``i``, run on a tensor Keras
-    computed after the last match, gives the Keras tensor compared with its output."""
+    computed after the last match, gives the tensor Keras computed for layer ``i`` (the
+    nearest one, or one of the Keras layers the structure pairs with it, such as a
+    conv's subsampling): the operations in between are extra."""
     match = matches[i]
     layer = net.layers[i]
-    if match.capture is None or match.view is None or layer.type in ("dropout", *LOSS_TYPES):
+    if match.capture is None or layer.type in ("dropout", *LOSS_TYPES):
         return None
     previous = [k for k in range(i) if matches[k].exact]
     if not previous:
         return None
     last = previous[-1]
     start = matches[last].capture
-    target = to_mcn_view(side.values[match.capture], match.view, tuple(as_4d(res[i + 1].x).shape[:3]))
+    out_hwc = tuple(as_4d(res[i + 1].x).shape[:3])
     hwc = tuple(as_4d(res[i].x).shape[:3])
     tol = tolerance_for("float64").forward * 1e3
+
     own = side.runs[i] if i < len(side.runs) else set()
-    for j in range(start + 1, match.capture):
+    n = side.values[start].shape[0]
+    # the tensors Keras computed for layer i: its nearest one, and its own run's
+    targets = {}
+    for k in range(start + 1, len(side.values)):
+        view = match.view if k == match.capture else None
+        if view is None and side.labels[k].split(":")[0] in own and side.values[k].shape[0] == n:
+            view = usual_view(side.values[k].shape, out_hwc)
+        if view is not None:
+            targets[k] = to_mcn_view(side.values[k], view, out_hwc)
+    for j in range(start + 1, max(targets, default=start)):
         if side.labels[j].split(":")[0] in own:
             continue  # the layer's own Keras run (its padding): not an extra operation
         value = side.values[j]
@@ -751,6 +763,6 @@ def _extra_operations_culprit(
         except Exception:  # a layer that does not run on it does not explain anything
             continue
         got = as_4d(np.asarray(got, dtype=np.float64))
-        if got.shape == target.shape and measure(got, target, tol).ok:
+        if any(k > j and t.shape == got.shape and measure(got, t, tol).ok for k, t in targets.items()):
             return net.layers[last].name
     return None

@@ -44,6 +44,7 @@ from harness.testing.observability import (
     fully_connected_site,
     has_filters,
     kernel_observer,
+    last_body,
     layer_input_shapes,
     missing_relu_site,
     observe_flatten_order,
@@ -135,14 +136,29 @@ class Bug:
         self, net: Net, res: list, index: int, labels: Any = None, *, mode: str = "normal"
     ) -> bool:
         """Whether the batch behind ``res`` (see ``reference``) can show the bug at
-        ``index``: the computation the buggy model does there differs from MatConvNet's."""
+        ``index``: the computation the buggy model does there differs from MatConvNet's
+        (a tensor of another shape only when the net's output differs too)."""
         net = vl_simplenn_tidy(net)
         if mode not in self.modes:
             return False
         if self._observe is not None:
             return self._observe(net, res, index, labels)
         variant = self._variant(net, index)
-        return differs(run_variant(variant, res[index].x, mode), res[index + 1].x)
+        out = run_variant(variant, res[index].x, mode)
+        if not differs(out, res[index + 1].x):
+            return False
+        if np.shape(out) == np.shape(res[index + 1].x):
+            return True
+        # another shape: visible unless the layers after it undo the change on this batch
+        # (a stride-1 pooling of a 1-pixel map, subsampled back by the next pooling)
+        rest = net.layers[index + 1 : last_body(net) + 1]
+        if not rest or any(l.type == "dropout" for l in rest) and mode == "normal":
+            return True
+        try:
+            buggy = run_variant(rest, out, mode)
+        except McnError:
+            return True  # the buggy tensor does not even fit the next layers
+        return differs(buggy, res[last_body(net) + 1].x)
 
 
 _BOTH = ("normal", "test")

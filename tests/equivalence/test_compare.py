@@ -92,3 +92,90 @@ def test_planted_bugs_are_localised(seed, batch, bug, culprit):
     report = harness.compare(seed, keras.Model(inputs, x), *batch)
     assert not report.ok
     assert report.first_divergence["culprit"] == culprit, str(report)
+
+
+def test_extra_relu_before_a_dilated_strided_conv_is_blamed_on_the_layer_before():
+    """The Keras partner of a dilated, strided conv is ``Conv2D`` + ``Subsample``; with an
+    extra ReLU before it, the conv's nearest Keras tensor has another shape, and the
+    extra operation is still found by running MatConvNet's conv on the ReLU's output."""
+    from harness.mcn import Layer, Net
+    from harness.testing.bugs import CATALOGUE
+
+    rng = np.random.default_rng(0)
+    net = Net(
+        [
+            Layer("conv", "conv1", [np.array([[[[1.0]]]]), np.array([[0.0]])]),
+            Layer(
+                "conv",
+                "conv2",
+                [rng.standard_normal((1, 1, 1, 1)), np.zeros((1, 1))],
+                pad=[0, 0, 0, 1],
+                stride=[1, 2],
+                dilate=[1, 2],
+            ),
+            Layer("conv", "classifier", [rng.standard_normal((1, 1, 1, 2)), np.zeros((1, 2))]),
+            Layer("softmaxloss", "loss"),
+        ],
+        meta={"inputSize": [1, 1, 1]},
+    )
+    x = np.array([0.5, -0.5]).reshape(1, 1, 1, 2)
+    labels = np.array([[1.0, 2.0]])
+    model = to_keras(net)
+    assert harness.compare(net, model, x, labels).ok
+    buggy, planted = CATALOGUE["extra_relu"].plant(net, model, 0)
+    report = harness.compare(net, buggy, x, labels)
+    assert not report.ok
+    assert planted == "conv1" and report.first_divergence["culprit"] == "conv1", str(report)
+
+
+def test_a_batch_norms_own_output_is_preferred_to_its_mean_of_the_same_value():
+    """On one image a bnorm's output is its bias; with two equal bnorms in a row the
+    second's batch mean (a tensor inside it) equals its output, and a derivative taken
+    there is not the layer's: the layer's own output is the match."""
+    from harness.mcn import Layer, Net
+
+    bn = [np.array([[1.07]]), np.array([[0.08]]), np.array([[0.17, 1.45]])]
+    net = Net(
+        [
+            Layer("sigmoid", "sigmoid1"),
+            Layer("bnorm", "bnorm1", [w.copy() for w in bn]),
+            Layer("bnorm", "bnorm2", [w.copy() for w in bn]),
+            Layer(
+                "conv", "classifier", [np.array([0.18, -0.19]).reshape(1, 1, 1, 2), np.array([[0.06, 0.01]])]
+            ),
+            Layer("softmaxloss", "loss"),
+        ],
+        meta={"inputSize": [1, 1, 1]},
+    )
+    report = harness.compare(net, to_keras(net), np.full((1, 1, 1, 1), 0.13), np.array([[1.0]]))
+    assert report.ok, str(report)
+    assert all(r.keras == "bnorm2" for r in report.rows if r.layer == "bnorm2"), str(report)
+
+
+def test_a_stride_the_next_pooling_undoes_is_unobservable_and_called_equivalent():
+    """A stride-1 max pooling of a 1-pixel map (padded both sides) gives two copies of
+    the pixel; a pooling with stride 3 after it keeps the first: the buggy model computes
+    MatConvNet's function on every input of this size. The catalogue says the bug cannot
+    show, and the harness finds every MatConvNet output reproduced."""
+    from harness.mcn import Layer, Net
+    from harness.testing.bugs import CATALOGUE
+    from harness.testing.observability import reference
+
+    rng = np.random.default_rng(1)
+    net = Net(
+        [
+            Layer("conv", "conv1", [rng.standard_normal((3, 3, 2, 3)), np.zeros((1, 3))]),
+            Layer("pool", "pool1", method="max", pool=[2, 1], pad=[1, 1, 0, 0], stride=[2, 1]),
+            Layer("pool", "pool2", method="max", pool=[1, 1], stride=[3, 1]),
+            Layer("conv", "classifier", [rng.standard_normal((1, 1, 3, 2)), np.zeros((1, 2))]),
+            Layer("softmaxloss", "loss"),
+        ],
+        meta={"inputSize": [3, 3, 2]},
+    )
+    x, labels = rng.standard_normal((3, 3, 2, 2)), np.array([[1.0, 2.0]])
+    bug = CATALOGUE["wrong_stride"]
+    assert 1 in bug.sites(net)
+    assert not bug.observable(net, reference(net, x, labels), 1, labels)
+    buggy, _ = bug.plant(net, to_keras(net), 1)
+    assert buggy.get_layer("pool1").output.shape[1] == 2  # the bug is planted
+    assert harness.compare(net, buggy, x, labels).ok

@@ -7,6 +7,10 @@
                       [--dialect master|beta25] [--json PATH] [--html PATH] [--weights net|model]
     mcn-harness diagnose --mcn ... --keras ...      static findings only (fast)
     mcn-harness reference --mcn ...                 the net through the MatConvNet reference
+    mcn-harness port --mcn PATH --out DIR           a faithful Keras port: DIR/model.keras,
+                                                    DIR/model.py, DIR/test_port.py
+    check and reference also take [--images imdb.mat|image|dir] [--upto LAYER]
+    [--input-size H W C] (for a net without meta.inputSize)
     mcn-harness train-parity --mcn ... --keras ... [--epochs N] [--data digits|imdb.mat] [--plot curves.png]
 
 Exit status: 0 equivalent (or no findings; train-parity: weights still agree at the end),
@@ -36,6 +40,8 @@ from harness.io.specs import (
     load_mcn_spec,
     num_classes,
     probe_batch,
+    resolve_input_size,
+    with_input_size,
 )
 from harness.io.text import json_dumps, safe_text, write_atomic
 from harness.mcn import McnError, vl_simplenn
@@ -89,11 +95,12 @@ def _silence_native_stderr() -> None:
 
 def _load(args) -> tuple[Net, object]:
     base = Path.cwd()
-    net = load_mcn_spec(args.mcn, "--mcn", base)
+    net = load_mcn_spec(args.mcn, "--mcn", base, upto=getattr(args, "upto", None))
     factory = keras_model_factory(args.keras, "--keras", base)
     model = build_model(factory, "--keras", args.keras)
-    if net.meta.get("inputSize") is not None:
-        want = input_size(net)
+    hwc, source = resolve_input_size(net, model, args.input_size)
+    if source == "net.meta.inputSize":
+        want = hwc
         inputs = getattr(model, "inputs", None) or []
         got = tuple(inputs[0].shape[1:]) if inputs else ()
         if (
@@ -104,7 +111,24 @@ def _load(args) -> tuple[Net, object]:
                 f"--keras {args.keras!r}: the model takes inputs of {got} (H, W, C), "
                 f"the net {want} (inputSize)"
             )
-    return net, model
+    return with_input_size(net, hwc, source), model
+
+
+def _probe_images(net: Net, args):
+    """``(x, labels, notes)`` from ``--images`` (None when not given)."""
+    if not getattr(args, "images", None):
+        return None
+    from harness.io.images import load_probe_images
+
+    has_loss = bool(net.layers) and net.layers[-1].type in ("softmaxloss", "loss")
+    return load_probe_images(
+        args.images,
+        input_size(net),
+        args.batch,
+        normalization=net.meta.get("normalization"),
+        classes=num_classes(net) if has_loss else None,
+        seed=args.seed,
+    )
 
 
 def _run_options(args) -> dict:
@@ -116,7 +140,21 @@ def _check_one(net: Net, model, args, out) -> int:
     from harness.equivalence.report import to_html
     from harness.pipeline import check
 
-    result = check(net, model, batch=args.batch, mode=args.mode, weights=args.weights, **_run_options(args))
+    images = _probe_images(net, args)
+    x, labels = (images.x, images.labels) if images is not None else (None, None)
+    if images is not None:
+        net.notes = [*net.notes, *images.notes]
+    result = check(
+        net,
+        model,
+        x,
+        labels,
+        batch=args.batch,
+        mode=args.mode,
+        weights=args.weights,
+        upto=getattr(args, "upto", None),
+        **_run_options(args),
+    )
     # everything is computed and rendered before anything is printed or written: a
     # failure while rendering can then never follow a printed verdict
     lines = result.lines()
@@ -178,9 +216,15 @@ def _cmd_seed_demo(args) -> int:
 
 
 def _cmd_reference(args) -> int:
-    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd())
+    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd(), upto=args.upto)
+    net = with_input_size(net, *resolve_input_size(net, None, args.input_size))
     dtype = np.float64 if args.dtype == "float64" else np.float32
-    x, labels = probe_batch(net, args.batch, seed=args.seed)
+    images = _probe_images(net, args)
+    if images is not None:
+        x, labels = images.x, images.labels
+        net.notes = [*net.notes, *images.notes]
+    else:
+        x, labels = probe_batch(net, args.batch, seed=args.seed)
     res = vl_simplenn(
         net,
         x.astype(dtype),
@@ -191,9 +235,11 @@ def _cmd_reference(args) -> int:
         rng=np.random.default_rng(args.seed),
     )
     print(
-        f"MatConvNet reference: {len(net.layers)} layers, batch {args.batch}, {args.dtype}, "
+        f"MatConvNet reference: {len(net.layers)} layers, batch {x.shape[3]}, {args.dtype}, "
         f"mode {args.mode}, dialect {args.dialect}"
     )
+    for note in net.notes:
+        print(f"note: {safe_text(note)}")
     print(f"{'#':>3}  {'layer':<12} {'type':<12} {'output (H x W x C)':<20} {'|x|max':>10} {'|dzdx|max':>10}")
     for i, layer in enumerate(net.layers):
         y = res[i + 1].x
@@ -204,6 +250,25 @@ def _cmd_reference(args) -> int:
             f"{i + 1:>3}  {safe_text(layer.name):<12.12} {safe_text(layer.type):<12.12} {shape:<20} "
             f"{float(np.max(np.abs(y), initial=0.0)):>10.3g} {dmax}"
         )
+    return 0
+
+
+def _cmd_port(args) -> int:
+    from harness.translate.port import write_port
+
+    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd())
+    net = with_input_size(net, *resolve_input_size(net, None, args.input_size))
+    mcn_path = None if args.mcn == "seed" else os.path.abspath(args.mcn)
+    result = write_port(net, args.out, mcn_path=mcn_path, overwrite=args.overwrite)
+    for note in [*net.notes, *result.notes]:
+        print(f"note: {safe_text(note)}")
+    for path in result.written:
+        print(f"wrote {safe_text(path)}")
+    here = safe_text(args.out)
+    print(
+        f"check it:  mcn-harness check --mcn {safe_text(args.mcn)} --keras {here}/model.keras\n"
+        f"guard it:  python -m pytest {here}/test_port.py"
+    )
     return 0
 
 
@@ -281,9 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=("normal", "test"), default="normal")
         p.add_argument("--dialect", choices=("master", "beta25"), default="master")
         p.add_argument("--seed", type=int, default=0, help="seed of the probe batch")
+        p.add_argument(
+            "--input-size",
+            type=int,
+            nargs=3,
+            metavar=("H", "W", "C"),
+            help="the input size for a net without meta.inputSize (default: the Keras model's, "
+            "else inferred from the net)",
+        )
+
+    def probing(p):
+        p.add_argument(
+            "--images",
+            help="probe with your data: an imdb .mat, a PNG/JPEG file or a directory of them "
+            "(default: random images)",
+        )
+        p.add_argument("--upto", help="compare only up to this layer (name or 1-based index)")
 
     check = sub.add_parser("check", help="compare every layer's activations and gradients")
     common(check, True)
+    probing(check)
     check.add_argument("--json", help="write the report as JSON (schema in harness/equivalence/report.py)")
     check.add_argument("--html", help="write a self-contained HTML report")
     check.add_argument(
@@ -312,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--json", help="write the per-step figures as JSON")
     ref = sub.add_parser("reference", help="run a net through the MatConvNet reference, forward and backward")
     common(ref, False)
+    probing(ref)
+    port = sub.add_parser(
+        "port", help="write a faithful Keras port of the net: model.keras, model.py and a regression test"
+    )
+    port.add_argument("--mcn", default="seed", help="a .mat file holding a simplenn net, or 'seed' (default)")
+    port.add_argument("--out", required=True, help="the directory to write into (created if missing)")
+    port.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("H", "W", "C"),
+        help="the input size for a net without meta.inputSize (default: inferred from the net)",
+    )
+    port.add_argument("--overwrite", action="store_true", help="replace files a previous port wrote")
     return parser
 
 
@@ -351,7 +447,7 @@ def _check_outputs(args) -> None:
 def _run(args) -> int:
     if getattr(args, "command", None) is None:
         return _cmd_seed_demo(args)
-    if args.batch < 1:
+    if getattr(args, "batch", 1) < 1:
         raise _Usage(f"--batch {args.batch}: expected a positive number of images")
     if args.command == "train-parity":
         for option in ("epochs", "batch_size", "max_steps"):
@@ -364,6 +460,7 @@ def _run(args) -> int:
         "diagnose": _cmd_diagnose,
         "reference": _cmd_reference,
         "train-parity": _cmd_train_parity,
+        "port": _cmd_port,
     }
     return commands[args.command](args)
 
@@ -378,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if from_console:
         _drop_cwd_from_path()
-        if not argv or argv[0] in ("check", "diagnose", "train-parity"):
+        if not argv or argv[0] in ("check", "diagnose", "train-parity", "port"):
             _silence_native_stderr()
             import logging
 
@@ -392,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)  # --help exits here, with status 0, as it should
             if args.command is None:
                 raise _Usage(
-                    "expected a command: check, diagnose, reference or train-parity "
+                    "expected a command: check, diagnose, reference, train-parity or port "
                     "(or no arguments for the seed demo)"
                 )
     except _Usage as err:

@@ -83,6 +83,8 @@ def check(
     mapping: dict[str, list[str]] | None = None,
     findings: bool = True,
     causes: bool = True,
+    upto: str | None = None,
+    input_size: Any = None,
 ) -> CheckResult:
     """Check the Keras ``model`` against the MatConvNet ``net``.
 
@@ -93,6 +95,12 @@ def check(
     included; with ``causes``, a divergent layer is re-run with the usual porting
     mistakes (``harness.diagnosis.probe_causes``).
 
+    A net without ``meta.inputSize`` is probed at the model's input size, else at
+    ``input_size`` (H, W, C), else at a size inferred from the net. Layers the reference
+    cannot run (a ``custom`` layer) end the comparison before them, with a note; ``upto``
+    (a layer name or 1-based index) ends it earlier, and the model is then compared up to
+    its layer paired with that one (a Sequential or functional model).
+
     Raises ``McnError`` (``InputError``) when the comparison cannot run: a bad net or
     batch, a model whose parameter layers cannot be paired with the net's, or shapes
     that do not fit. A returned result always comes from a completed comparison.
@@ -102,10 +110,15 @@ def check(
     from harness.diagnosis import diagnose, probe_causes
     from harness.equivalence.align import align
     from harness.equivalence.run import compare
-    from harness.io.specs import InputError, probe_batch
+    from harness.io.specs import InputError, probe_batch, resolve_input_size, runnable_net, with_input_size
     from harness.mcn.simplenn import vl_simplenn_tidy
 
+    net, cut = runnable_net(net, upto)
     net = vl_simplenn_tidy(net)
+    net.notes = [*net.notes, *(c for c in cut if c not in net.notes)]
+    net = with_input_size(net, *resolve_input_size(net, model, input_size))
+    if upto is not None:
+        model = model_upto(net, model, mapping)
     alignment = align(net, model, mapping)
     for pair in alignment.pairs:
         if net.layers[pair.index].type in ("conv", "convt", "bnorm") and pair.param_layer is None:
@@ -123,9 +136,45 @@ def check(
     report = compare(
         net, model, x, labels, dtype=dtype, mode=mode, dialect=dialect, weights=weights, mapping=mapping
     )
+    report.notes = [*net.notes, *report.notes]
     if report.alignment_problems and all("shapes" in p for p in report.alignment_problems):
         raise InputError(report.alignment_problems[0])
     explained = []
     if causes and not report.ok and report.first_divergence:
         explained = probe_causes(net, model, report, x, labels, mode=mode, dialect=dialect, weights=weights)
     return CheckResult(report, found, explained)
+
+
+def model_upto(net: Net, model: keras.Model, mapping: dict[str, list[str]] | None = None) -> keras.Model:
+    """The model up to its layer the structure pairs with the net's last layer (the net
+    cut by ``--upto``): a Sequential or functional model, cut at that layer's output."""
+    import keras
+
+    from harness.equivalence.align import align
+    from harness.io.specs import InputError
+
+    last = net.layers[-1]
+    if not isinstance(model, keras.Sequential | keras.src.models.functional.Functional):
+        raise InputError(
+            f"--upto '{last.name}': the model is not a Sequential or functional model, so it cannot be "
+            "stopped at one of its layers; give a model that ends there"
+        )
+    pair = align(net, model, mapping).pairs[-1] if net.layers else None
+    own = [n for n in pair.keras if f"extra Keras layer {n}" not in pair.notes] if pair is not None else []
+    name = (pair.param_layer or (own[-1] if own else None)) if pair is not None else None
+    if name is None:
+        raise InputError(f"--upto '{last.name}': no Keras layer of the model is paired with it")
+    layer = next((l for l in model.layers if l.name == name), None)
+    inputs = getattr(model, "inputs", None)
+    try:
+        output = layer.output if layer is not None else None
+    except (AttributeError, ValueError):
+        output = None
+    if output is None or not inputs:
+        raise InputError(
+            f"--upto '{last.name}': the model is not a Sequential or functional model, so it cannot be "
+            f"stopped at its layer '{name}'; give a model that ends there"
+        )
+    if any(output is o for o in model.outputs):
+        return model
+    return keras.Model(inputs, output, name=f"{model.name}_upto_{name}")

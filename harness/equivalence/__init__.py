@@ -1,7 +1,9 @@
-"""The differential engine: align the net's layers with the model's (``align``), run
-both sides on one batch (``reference_pass``, ``keras_pass``; chained by ``run``), turn
-each pair of tensors into a row (``rows``) measured with one kernel (``metrics``)
-against the error model (``tolerance``), and report (``report``)."""
+"""The differential engine: observe the user's model call (``observe``, ``precision``),
+run the reference (``reference_pass``), find each layer's output among the observed
+tensors (``match``, with ``align`` as the structural hint), turn each pair of tensors into
+a row (``rows``, ``keras_pass.KerasSide``) measured with one kernel (``metrics``) against
+the error model (``tolerance``), blame the first divergence (``blame``) and report
+(``report``); ``run.compare`` chains them."""
 
 from harness.equivalence.align import Alignment, Pair, align
 from harness.equivalence.report import Report, Row

@@ -113,7 +113,7 @@ _EXPECT = {
     "convt": ("convt",),
 }
 # Keras layers that may precede the main one of a MatConvNet layer (padding, flattening).
-_PREFIX = {"conv": ("pad", "permute", "flatten"), "pool": ("pad",)}
+_PREFIX = {"conv": ("pad", "permute", "flatten", "subsample"), "pool": ("pad",)}
 _SUFFIX = {"conv": ("subsample",), "convt": ("crop",)}
 
 

@@ -1,4 +1,6 @@
-"""MatConvNet's loss on Keras tensors (``keras_batch_loss``), and dtype clones.
+"""The Keras side of a comparison: MatConvNet's loss on Keras tensors
+(``keras_batch_loss``), the observed call as the rows read it (``KerasSide``), and
+dtype clones.
 
 The comparison observes the model's real call (``observe``) and takes MatConvNet's loss
 of its output, computed from the 1-based labels, as the scalar whose derivatives both
@@ -13,12 +15,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.translate.weights import to_nhwc
+from harness.equivalence.match import Match, to_mcn_view
+from harness.translate.weights import to_hwcn, to_nhwc
 
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["LOSS_TYPES", "keras_batch_loss", "with_dtype"]
+    from harness.equivalence.align import Alignment
+
+__all__ = ["LOSS_TYPES", "KerasSide", "keras_batch_loss", "with_dtype"]
 
 LOSS_TYPES = ("softmaxloss", "loss")
 
@@ -65,3 +70,52 @@ def keras_batch_loss(final, labels: np.ndarray, n: int, dialect: str, probabilit
         per_pixel = tf.reduce_logsumexp(scores, axis=-1) - tf.reduce_sum(scores * onehot, axis=-1)
     total = tf.reduce_sum(weights * per_pixel)
     return total / n if dialect == "master" else total
+
+
+class KerasSide:
+    """The observed call as the rows and the blame read it: every capture as a float64
+    array, its derivative, the parameter derivatives by pair index, and which Keras
+    layers the structural alignment pairs with each MatConvNet layer."""
+
+    def __init__(self, obs, variables: dict, alignment: Alignment, has_loss: bool, probabilities: bool):
+        self.obs = obs
+        self.values = [np.asarray(c.tensor.numpy(), dtype=np.float64) for c in obs.captures]
+        self.labels = [c.label for c in obs.captures]
+        self.named = [c.layer is not None for c in obs.captures]
+        self.op_types = [c.op_type for c in obs.captures]
+        self.leaf_ids = {id(l) for l in obs.leaves}
+        # tensors made by a layout op: the only ones that may hold another axis order
+        self.layout_ops = [
+            c.op_type in ("Transpose", "Reshape", "Squeeze", "ExpandDims") for c in obs.captures
+        ]
+        # the leaf Keras layer a capture was computed inside (None: a layer's or the model's own)
+        self.inside = [c.inside for c in obs.captures]
+        self.grads = obs.grads
+        self.param_grads = {i: [obs.weight_grads.get(id(v)) for v in vs] for i, vs in variables.items()}
+        self.output = np.asarray(obs.output.numpy(), dtype=np.float64)
+        self.loss = float(np.asarray(obs.loss.numpy()))
+        self.has_loss = has_loss
+        self.probabilities = probabilities
+        # each MatConvNet layer's own Keras run, and every Keras layer the structure pairs
+        extra = [
+            {n for n in pair.keras if f"extra Keras layer {n}" in pair.notes} for pair in alignment.pairs
+        ]
+        self.runs = [set(pair.keras) - e for pair, e in zip(alignment.pairs, extra, strict=True)]
+        self.paired = {
+            name
+            for pair, run in zip(alignment.pairs, self.runs, strict=True)
+            if pair.type not in LOSS_TYPES
+            for name in run
+        }
+        self.output_label = next(
+            (c.label for c in obs.captures if c.tensor is obs.output), getattr(obs.output, "name", "output")
+        )
+
+    def in_mcn_layout(self, match: Match, hwc: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+        """The matched tensor and its derivative as H x W x C x N (a tensor of another shape
+        as it is, moved to MatConvNet's axis order, so that the row shows both shapes)."""
+        value, g = self.values[match.capture], self.grads[match.capture]
+        if match.view is None:
+            as_is = to_hwcn(value) if value.ndim in (2, 4) else value
+            return as_is, None if g is None else (to_hwcn(g) if np.ndim(g) in (2, 4) else g)
+        return to_mcn_view(value, match.view, hwc), None if g is None else to_mcn_view(g, match.view, hwc)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.mcn.geometry import layer_output_shapes
 from harness.mcn.net import Net
 from harness.mcn.simplenn import Res, vl_simplenn
 
@@ -27,10 +28,16 @@ def cast_net(net: Net, dtype) -> Net:
 def run_reference(
     net: Net, x: np.ndarray, labels: Any, *, mode: str = "normal", dialect: str = "master", seed: int = 0
 ) -> list[Res]:
-    """vl_simplenn's ``res`` for a tidied ``net`` (forward and backward with ``dzdy = 1``)."""
+    """vl_simplenn's ``res`` for a tidied ``net``, forward and backward with ``dzdy = 1``
+    (a net without a loss layer: ones of its output's shape, the derivatives of the sum
+    of its outputs, which the Keras side takes too)."""
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels, dtype=np.float64)
-    return vl_simplenn(net, x, 1.0, labels, mode=mode, dialect=dialect, lrn_exact=True, rng=rng)
+    labels = None if labels is None else np.asarray(labels, dtype=np.float64)
+    dzdy: Any = 1.0
+    if net.layers and net.layers[-1].type not in ("softmaxloss", "loss"):
+        h, w, c = layer_output_shapes(net, x.shape[:3])[-1]
+        dzdy = np.ones((h, w, c, x.shape[3]), dtype=x.dtype)
+    return vl_simplenn(net, x, dzdy, labels, mode=mode, dialect=dialect, lrn_exact=True, rng=rng)
 
 
 def dropout_masks(net: Net, res: list[Res], mode: str) -> dict[int, np.ndarray]:

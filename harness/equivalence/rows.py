@@ -8,14 +8,25 @@ another bnorm), which is what such a derivative is measured against.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from harness.equivalence.match import Match, match_outputs, to_mcn_view
 from harness.equivalence.metrics import measure
-from harness.equivalence.report import Row
+from harness.equivalence.report import LIMITATIONS, Row
 from harness.mcn.options import as_4d
-from harness.translate.weights import keras_index
+from harness.translate.weights import keras_index, to_hwcn
 
-__all__ = ["bias_scale", "filter_scale", "gain_scale", "measure_row"]
+if TYPE_CHECKING:
+    from harness.equivalence.align import Alignment
+    from harness.equivalence.keras_pass import KerasSide
+    from harness.equivalence.tolerance import Tolerance
+    from harness.mcn.net import Net
+    from harness.mcn.simplenn import Res
+    from harness.translate.weights import WeightMap
+
+__all__ = ["bias_scale", "build_rows", "filter_scale", "gain_scale", "measure_row"]
 
 
 def measure_row(
@@ -103,3 +114,276 @@ def gain_scale(x: np.ndarray, dzdy: np.ndarray, epsilon) -> float:
     terms = (d * np.abs(x)).sum(axis=(0, 1, 3)) + np.abs(mu) * d.sum(axis=(0, 1, 3))
     with np.errstate(divide="ignore", invalid="ignore"):  # sigma 0: epsilon 0 on a constant channel
         return float((terms / sigma).max())
+
+
+# a parameter stored in float32 agrees with the net's to float32 rounding (a few ulps)
+F32_WEIGHT_TOLERANCE = 2.0**-22
+
+
+def build_rows(
+    net: Net,
+    alignment: Alignment,
+    params: WeightMap,
+    res: list[Res],
+    side: KerasSide,
+    matches: list[Match],
+    tol: Tolerance,
+    alt: list[Res] | None,
+    stored: str,
+) -> list[Row]:
+    """Every compared tensor, in order: the input's derivative, then per layer its
+    parameters (weights="model"), output, output derivative and parameter derivatives;
+    last the model's own output and the loss."""
+    downstream = _downstream_scales(res, side.has_loss)
+    rows = [
+        measure_row(
+            layer="input",
+            type="data",
+            keras="input",
+            tensor="dzdx",
+            ref=res[0].dzdx,
+            got=None if side.obs.input_grad is None else to_hwcn(side.obs.input_grad),
+            tolerance=tol.backward,
+            scale=downstream[1] if len(downstream) > 1 else 0.0,
+        )
+    ]
+    if alt is not None and side.obs.input_grad is not None:
+        floor = downstream[1] if len(downstream) > 1 else 0.0
+        _explain(rows[0], alt[0].dzdx, to_hwcn(side.obs.input_grad), tol.backward, floor)
+    for idx, match in enumerate(matches):
+        pair = alignment.pairs[idx] if idx < len(alignment.pairs) else None
+        layer = net.layers[idx]
+        this = {"layer": layer.name, "type": layer.type}
+        for kidx, wname, ref_w, keras_w in params.kept:
+            if kidx == idx:
+                rows.append(_weight_row(this, pair.param_layer, wname, ref_w, keras_w, tol, stored))
+        hwc = tuple(as_4d(res[idx + 1].x).shape[:3])
+        got = grad = None
+        klabel = "-"
+        if match.capture is not None:
+            got, grad = side.in_mcn_layout(match, hwc)
+            klabel = side.labels[match.capture]
+        note = _match_note(match, side.labels)
+        x_row = measure_row(
+            **this, keras=klabel, tensor="x", ref=res[idx + 1].x, got=got, tolerance=tol.forward, note=note
+        )
+        # a derivative that cancels to ~0 (summed over pooling windows feeding a bnorm) holds
+        # rounding noise of the terms it was summed from: its scale is the largest
+        # derivative on the backward path down to it
+        floor = downstream[idx + 2] if idx + 2 < len(downstream) else 0.0
+        d_row = measure_row(
+            **this,
+            keras=klabel,
+            tensor="dzdx",
+            ref=res[idx + 1].dzdx,
+            got=grad,
+            tolerance=tol.backward,
+            scale=floor if np.isfinite(floor) else 0.0,
+        )
+        if alt is not None:
+            _explain(x_row, alt[idx + 1].x, got, x_row.tolerance)
+            _explain(d_row, alt[idx + 1].dzdx, grad, d_row.tolerance, floor)
+        rows += [x_row, d_row, *_extra_layer_rows(idx, matches, side, tol, this)]
+        if pair is not None and pair.param_layer:
+            klayer = alignment.layer(pair.param_layer)
+            floor = downstream[idx + 1] * max(1.0, float(np.max(np.abs(res[idx].x), initial=0.0)))
+            rows += _parameter_rows(layer, klayer, params, res, idx, side, tol, alt, floor)
+    rows += _output_rows(net, res, side, tol, alt)
+    return rows
+
+
+def _extra_layer_rows(
+    idx: int, matches: list[Match], side: KerasSide, tol: Tolerance, this: dict
+) -> list[Row]:
+    """A Keras layer between two matched outputs that changes the first before the second
+    is computed from it, with no MatConvNet counterpart: an extra layer, even when the
+    layers after it happen not to read what it changed on this batch (a ReLU whose zeroed
+    elements a strided conv skips)."""
+    if idx + 1 >= len(matches) or not (matches[idx].exact and matches[idx + 1].exact):
+        return []
+    a, b = matches[idx].capture, matches[idx + 1].capture
+    matched = {m.capture for m in matches}
+    obs, rows = side.obs, []
+    for c in range(a + 1, b):
+        layer = obs.captures[c].layer
+        if layer is None or id(layer) not in side.leaf_ids or c in matched:
+            continue  # not a layer of the model's own (an op inside a layer, or a tensor op)
+        if side.values[c].shape != side.values[a].shape:
+            continue  # a reshape, a pad, a flatten: a layout move
+        ta, tb, tc = (obs.captures[k].tensor for k in (a, b, c))
+        if not obs.feeds(ta, tc) or obs.feeds(ta, tb, avoiding=tc):
+            continue
+        if side.labels[c] in side.paired:
+            continue  # the Keras layer the structure pairs with a MatConvNet layer
+        m = measure(side.values[a], side.values[c], tol.forward)
+        what = "changes this output"
+        ga, gc = side.grads[a], side.grads[c]
+        finite = ga is not None and gc is not None and np.all(np.isfinite(ga)) and np.all(np.isfinite(gc))
+        if m.ok and finite:
+            # the same values, but not the same derivative through it (a ReLU at zeros)
+            m = measure(side.grads[c], side.grads[a], tol.backward)
+            what = "passes a different derivative through this output"
+        if m.ok:
+            continue
+        rows.append(
+            Row(
+                **this,
+                keras=side.labels[c],
+                tensor="x+",
+                ok=False,
+                numel=m.numel,
+                mismatches=m.mismatches,
+                max_abs=m.max_abs,
+                max_rel=m.max_rel,
+                tolerance=tol.forward,
+                note=f"Keras layer '{side.labels[c]}' ({side.op_types[c]}) {what} before the next layer "
+                "reads it; MatConvNet has no such layer",
+            )
+        )
+    return rows
+
+
+def _downstream_scales(res: list[Res], has_loss: bool = True) -> list[float]:
+    """``out[k]``: the largest |derivative| at ``res[k:]``'s outputs, a loss's own
+    ``dzdy`` left out (a net without a loss: the ones its outputs' sum gives, kept): the
+    scale of the rounding noise a derivative at ``k`` can hold."""
+    out = [0.0] * (len(res) + 1)
+    for k in range(len(res) - (2 if has_loss else 1), -1, -1):
+        d = res[k].dzdx
+        m = float(np.max(np.abs(d), initial=0.0)) if d is not None and np.size(d) else 0.0
+        out[k] = max(out[k + 1], m if np.isfinite(m) else 0.0)
+    return out
+
+
+def _parameter_rows(
+    layer,
+    klayer,
+    params: WeightMap,
+    res: list[Res],
+    idx: int,
+    side: KerasSide,
+    tol: Tolerance,
+    alt,
+    floor: float = 0.0,
+) -> list[Row]:
+    """The rows of a layer's parameter derivatives (and of a kernel's entries off
+    MatConvNet's filter groups)."""
+    gk = side.param_grads[idx]
+    mapped = params.grads_to_mcn(layer, klayer, gk) if gk and all(g is not None for g in gk) else []
+    this = {"layer": layer.name, "type": layer.type, "keras": klayer.name, "tolerance": tol.parameter}
+    rows = []
+    for name, g, off in mapped:
+        j = int(name[5]) - 1
+        scale = bias_scale(res[idx + 1].dzdx) if j == 1 else 0.0
+        if j == 0 and layer.type == "bnorm":
+            scale = gain_scale(res[idx].x, res[idx + 1].dzdx, layer.epsilon)
+        elif j == 0 and layer.type == "conv":
+            scale = filter_scale(res[idx].x, res[idx + 1].dzdx)
+        scale = max(scale, floor)
+        row = measure_row(**this, tensor=name, ref=res[idx].dzdw[j], got=g, scale=scale)
+        if alt is not None:
+            _explain(row, alt[idx].dzdw[j], g, tol.parameter, scale)
+        rows.append(row)
+        if off is not None:
+            rows.append(
+                measure_row(
+                    **this,
+                    tensor="dzdw{1}*",
+                    ref=np.zeros(off.shape),
+                    got=off,
+                    note="Keras-only weights off MatConvNet's group blocks (MatConvNet has none)",
+                    # the reference is all zeros here: measure against the real gradient
+                    scale=float(np.max(np.abs(res[idx].dzdw[0]))),
+                )
+            )
+    return rows
+
+
+def _weight_row(this: dict, keras: str, name: str, ref_w, keras_w, tol: Tolerance, stored: str) -> Row:
+    """A parameter the port transferred itself (weights="model"), in Keras' layout. A
+    value the model stores in float32 is also compared with the net's value rounded to
+    float32: agreeing to float32 rounding is a note, not a divergence."""
+    row = measure_row(
+        **this, keras=keras, tensor=name, ref=ref_w, got=keras_w, tolerance=tol.forward, same_layout=True
+    )
+    if not row.ok and stored == "float32" and tol.forward < F32_WEIGHT_TOLERANCE:
+        rounded = np.asarray(ref_w, dtype=np.float64).astype(np.float32).astype(np.float64)
+        _explain(row, rounded, keras_w, F32_WEIGHT_TOLERANCE)
+    return row
+
+
+def _explain(row: Row, ref, got, tolerance: float, scale: float = 0.0) -> None:
+    """Mark a differing, finite ``row`` as explained by float32 rounding when ``got``
+    matches ``ref`` (the reference with the port's float32 roundings)."""
+    if row.ok or got is None or row.nonfinite_ref or row.nonfinite_keras:
+        return
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if ref.size != got.size:
+        return
+    m = measure(ref, got.reshape(ref.shape), tolerance, floor=scale)
+    if m.ok:
+        row.limitation = LIMITATIONS["float32-rounding"].text
+
+
+def _match_note(match: Match, labels: list[str]) -> str:
+    parts = []
+    if match.layout:
+        parts.append(f"Keras holds it {match.layout}")
+    if not match.exact:
+        if match.capture is None:
+            parts.append("no Keras tensor of a fitting shape")
+        else:
+            parts.append("no Keras tensor reproduces it (nearest shown)")
+        if match.between:
+            shown = ", ".join(match.between[:8]) + (" ..." if len(match.between) > 8 else "")
+            parts.append(f"Keras computed since the last match: {shown}")
+    return "; ".join(parts)
+
+
+def _output_rows(net: Net, res: list[Res], side: KerasSide, tol: Tolerance, alt) -> list[Row]:
+    """The model's own output against the reference (scores, or their softmax when the
+    model ends in one), and the loss: whatever the alignment found, a model whose output
+    differs is never equivalent."""
+    if not net.layers:
+        return []
+    if side.has_loss:
+        layer = net.layers[-1]
+        scores = as_4d(res[-2].x)
+        ref = _softmax(scores) if side.probabilities else scores
+        alt_ref = (
+            None if alt is None else (_softmax(as_4d(alt[-2].x)) if side.probabilities else as_4d(alt[-2].x))
+        )
+    else:
+        layer = net.layers[-1]
+        ref = as_4d(res[-1].x)
+        alt_ref = None if alt is None else as_4d(alt[-1].x)
+    this = {"layer": layer.name, "type": layer.type}
+    hwc = tuple(ref.shape[:3])
+    # the loss reads the output as N x H x W x K (or N x K): no other layout is the model's
+    match = match_outputs([ref], [side.output], [side.output_label], tol.forward, layouts="own")[0]
+    got = None
+    if match.capture is not None:
+        got = to_hwcn(side.output) if match.view is None and side.output.ndim in (2, 4) else side.output
+        got = got if match.view is None else to_mcn_view(side.output, match.view, hwc)
+    what = "the model's output" + (" (softmax probabilities)" if side.probabilities else "")
+    row = measure_row(
+        **this, keras=side.output_label, tensor="output", ref=ref, got=got, tolerance=tol.forward, note=what
+    )
+    if alt_ref is not None:
+        _explain(row, alt_ref, got, tol.forward)
+    rows = [row]
+    if side.has_loss:
+        loss_row = measure_row(
+            **this, keras="loss", tensor="loss", ref=res[-1].x, got=side.loss, tolerance=tol.forward
+        )
+        if alt is not None:
+            _explain(loss_row, alt[-1].x, side.loss, tol.forward)
+        rows.append(loss_row)
+    return rows
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    z = scores - scores.max(axis=2, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=2, keepdims=True)

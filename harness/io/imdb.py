@@ -70,10 +70,11 @@ def _numeric_array(value, what: str, path) -> np.ndarray:
     return a
 
 
-def load_imdb(path: str | os.PathLike) -> Imdb:
+def load_imdb(path: str | os.PathLike, *, finite: bool = True) -> Imdb:
     """Read an imdb .mat (``images`` struct with ``data``, ``labels``, ``set``; or those
-    fields at top level), checked: images.data real and finite, images.labels positive
-    integers (1-based class indices), images.set in 1..3; one label and set per image."""
+    fields at top level), checked: images.data real and finite (``finite=False``: NaN and
+    Inf are kept, for the caller to skip), images.labels positive integers (1-based class
+    indices), images.set in 1..3; one label and set per image."""
     from harness.mcn.matfile import read_variables
 
     v = read_variables(path, wanted=("images", "meta", "data", "labels", "set"))
@@ -90,7 +91,7 @@ def load_imdb(path: str | os.PathLike) -> Imdb:
     if not np.issubdtype(data.dtype, np.floating):
         data = data.astype(np.float32)
     bad = ~np.isfinite(data)
-    if bad.any():
+    if finite and bad.any():
         first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), data.shape))
         raise McnError(
             f"{path}: Expected images.data to be finite. Received {int(bad.sum())} NaN/Inf values "

@@ -24,6 +24,9 @@ __all__ = [
     "num_classes",
     "parse_model_spec",
     "probe_batch",
+    "resolve_input_size",
+    "runnable_net",
+    "with_input_size",
 ]
 
 _MODEL_FILE_SUFFIXES = (".keras", ".h5")
@@ -93,15 +96,136 @@ def keras_model_factory(spec: str | None, option: str, base: Path):
     return obj
 
 
-def load_mcn_spec(spec: str | None, option: str, base: Path):
+def load_mcn_spec(spec: str | None, option: str, base: Path, *, upto: str | None = None):
+    """The net ``spec`` names ('seed' or a .mat file), tidied, cut to the layers the
+    reference can run (``runnable_net``); what was cut or adapted is in ``net.notes``."""
     from harness.mcn import McnError, load_net, seed_net, vl_simplenn_tidy
 
-    if spec == "seed":
-        return seed_net(seed=0)
     try:
-        return vl_simplenn_tidy(load_net(base / spec))
-    except (McnError, OSError, ValueError) as err:
+        net = seed_net(seed=0) if spec == "seed" else load_net(base / spec)
+        net, notes = runnable_net(net, upto)
+        net = vl_simplenn_tidy(net)
+    except InputError as err:
         raise InputError(f"{option} {spec!r}: {err}") from None
+    except (McnError, OSError, ValueError) as err:
+        text = str(err)
+        for named in (str(base / str(spec)), str(spec)):  # the option names the file already
+            if text.startswith(f"{named}: "):
+                text = text[len(named) + 2 :]
+        raise InputError(f"{option} {spec!r}: {text}") from None
+    net.notes = [*net.notes, *notes]
+    return net
+
+
+def runnable_net(net, upto: str | None = None):
+    """``(net, notes)``: the net up to layer ``upto`` (its name, or its 1-based index), and
+    in any case up to the last layer before the first one the reference cannot run (a
+    ``custom`` layer holding MATLAB function handles, a type vl_simplenn does not know),
+    with a note saying where the comparison stops and why."""
+    from harness.mcn.net import LAYER_TYPES
+
+    layers = list(net.layers)
+    notes: list[str] = []
+    stop = len(layers)
+    if upto is not None:
+        names = [getattr(l, "name", None) for l in layers]
+        if upto in names:
+            stop = names.index(upto) + 1
+        elif str(upto).isdigit() and 1 <= int(upto) <= len(layers):
+            stop = int(upto)
+        else:
+            shown = ", ".join(str(n) for n in names[:12]) + (" ..." if len(names) > 12 else "")
+            raise InputError(
+                f"--upto {upto!r}: Expected a layer name or index of the net. Received names: {shown}"
+            )
+    for i, layer in enumerate(layers[:stop]):
+        kind = getattr(layer, "type", None)
+        if kind not in LAYER_TYPES:
+            if i == 0:
+                raise InputError(
+                    f"layer 1 '{getattr(layer, 'name', '')}' is of type {kind!r}, which the reference "
+                    "cannot run: nothing left to compare"
+                )
+            what = "a custom layer (MATLAB code)" if kind == "custom" else f"type {kind!r}"
+            before = layers[i - 1]
+            notes.append(
+                f"compared up to layer {i} '{before.name}': layer {i + 1} '{layer.name}' is {what}, "
+                "which the reference cannot run"
+            )
+            stop = i
+            break
+    else:
+        if upto is not None and stop < len(layers):
+            notes.append(f"compared up to layer {stop} '{layers[stop - 1].name}' (--upto)")
+    if stop == len(layers):
+        return net, notes
+    cut = net.copy()
+    cut.layers = cut.layers[:stop]
+    return cut, notes
+
+
+def resolve_input_size(net, model=None, given=None) -> tuple[tuple[int, int, int], str]:
+    """The input size ``(H, W, C)`` to probe the net with, and where it came from, in
+    this order: ``net.meta.inputSize``; the Keras model's input shape; ``given`` (the
+    user's ``--input-size``); inferred from the net (``geometry.infer_input_size``).
+    An ``inputSize`` of one or two numbers (some nets keep a tracker's target size
+    there) is read as a square or ``H x W``, its depth taken from the first filters."""
+    import numpy as np
+
+    from harness.mcn.geometry import infer_input_size, input_hwc
+
+    declared = net.meta.get("inputSize") if isinstance(net.meta, dict) else None
+    if declared is not None:
+        hwc = input_size(net)  # a malformed inputSize is an error naming it, never skipped
+        if np.size(declared) >= 3:
+            return hwc, "net.meta.inputSize"
+    shape = _model_input_hwc(model)
+    if shape is not None:
+        if given is not None and tuple(input_hwc(given, "--input-size")) != shape:
+            raise InputError(
+                f"--input-size {' '.join(map(str, given))}: the Keras model takes inputs of {shape} (H, W, C)"
+            )
+        return shape, "the Keras model's input shape"
+    if given is not None:
+        return input_hwc(given, "--input-size"), "--input-size"
+    if declared is not None and np.size(declared) in (1, 2):
+        v = input_hwc(declared, "net.meta.inputSize")
+        h, w = (v[0], v[0]) if np.size(declared) == 1 else v[:2]
+        depth = infer_input_size(net)[0][2] if _has_filters(net) else 1
+        shown = " ".join(f"{float(d):g}" for d in np.ravel(declared))
+        return (h, w, depth), (
+            f"net.meta.inputSize [{shown}] read as {h} x {w}, depth {depth} from the first filters"
+        )
+    hwc, how = infer_input_size(net)
+    return hwc, f"inferred from the net ({how}); give --input-size H W C to choose"
+
+
+def _has_filters(net) -> bool:
+    import numpy as np
+
+    return any(l.type in ("conv", "convt") and l.weights and np.size(l.weights[0]) for l in net.layers)
+
+
+def with_input_size(net, hwc, source: str):
+    """``net`` itself when ``source`` is its own ``meta.inputSize``, else a copy whose
+    ``meta.inputSize`` is ``hwc``, with a note saying where that came from."""
+    if source == "net.meta.inputSize":
+        return net
+    out = net.copy()
+    out.meta = {**(out.meta if isinstance(out.meta, dict) else {}), "inputSize": [float(d) for d in hwc]}
+    out.notes = [*out.notes, f"input size {hwc[0]} x {hwc[1]} x {hwc[2]}: {source}"]
+    return out
+
+
+def _model_input_hwc(model) -> tuple[int, int, int] | None:
+    inputs = getattr(model, "inputs", None) or [] if model is not None else []
+    try:
+        shape = tuple(inputs[0].shape[1:]) if inputs else ()
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if len(shape) != 3 or any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
 
 
 def build_model(factory, option: str, spec: str):

@@ -27,6 +27,8 @@ from harness.mcn.net import Layer, Net, layer_errors, layer_field, layer_weight,
 from harness.mcn.options import McnError, as_4d, pad4, pair, positive_integer
 
 __all__ = [
+    "DEFAULT_SPATIAL",
+    "infer_input_size",
     "input_hwc",
     "conv_output_size",
     "convt_output_size",
@@ -245,3 +247,51 @@ def _layer_output(layer: Layer, i: int, shape: Shape) -> Shape:
     if t in _SAME_SHAPE:
         return shape
     raise unknown_type(layer, i)
+
+
+# the spatial size of a probe for a net that accepts any size (a fully convolutional
+# net: denoisers, feature extractors)
+DEFAULT_SPATIAL = 32
+_LARGEST_SEARCHED = 4096
+
+
+def infer_input_size(net: Net) -> tuple[Shape, str]:
+    """``(H, W, C)`` for a net that does not say (no ``meta.inputSize``), and how it was
+    found: the depth from the first filters (a conv's ``size(f, 3)``, one filter group
+    assumed; a convt's ``size(f, 4)``; 1 without any), and the smallest square size every
+    layer's window fits, or ``DEFAULT_SPATIAL`` when even 1 x 1 fits (a fully
+    convolutional net). An McnError names the layer when no size up to 4096 fits."""
+    from harness.mcn.simplenn import vl_simplenn_tidy
+
+    net = vl_simplenn_tidy(net)
+    depth, where = 1, "no filters: depth 1"
+    for i, layer in enumerate(net.layers):
+        if layer.type in ("conv", "convt"):
+            f = _filter_shape(layer, i)
+            if f is None:
+                continue
+            depth = int(f[2] if layer.type == "conv" else f[3])
+            where = f"depth {depth} from the filters of layer {i + 1} '{layer.name}'"
+            break
+
+    def fits(s: int) -> bool:
+        try:
+            layer_output_shapes(net, [s, s, depth])
+        except McnError:
+            return False
+        return True
+
+    if fits(1):
+        return (DEFAULT_SPATIAL, DEFAULT_SPATIAL, depth), (
+            f"{where}; any size fits, {DEFAULT_SPATIAL} x {DEFAULT_SPATIAL} chosen"
+        )
+    hi = 2
+    while not fits(hi):
+        if hi >= _LARGEST_SEARCHED:
+            layer_output_shapes(net, [hi, hi, depth])  # raises, naming the layer
+        hi *= 2
+    lo = hi // 2  # does not fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return (hi, hi, depth), f"{where}; {hi} x {hi}, the smallest size every layer fits"

@@ -17,6 +17,17 @@ scipy.sparse.csc_matrix, function handles and objects (MCOS such as gpuArray, ol
 classes) become ``MatlabObject`` carrying the class name only; a layer's ``precious`` is a
 bool. The loader does not refuse any of these: callers do, with their own message.
 
+From the converted struct to a ``Net`` (``_net_from_struct``), what real MatConvNet files
+hold is adapted: a bare cell of layers saved as ``net`` is read as ``net.layers``;
+integer and logical numbers in layer fields and meta become float64 (MATLAB saves
+integer-valued doubles as uint8, which scipy returns, and uint8 arithmetic wraps); weights
+are single or double arrays (integer ones float64, 1x1 ones (1, 1)); pre-beta
+``filters``/``biases`` become ``weights``; an old cnn_train's per-layer ``momentum`` is
+dropped; a layer field holding a MATLAB object (function handle, gpuArray ...) other than
+``type`` and ``weights`` is dropped, and so is a checkpoint's stale loss-layer ``class``,
+each with a line in ``net.notes``. A DagNN network (``dagnn.DagNN``) raises
+``DagNNNotSupported``.
+
 Files are untrusted: ``read_variables`` reads only the variables asked for (``load_net``:
 net, layers, meta), refuses nesting deeper than MAX_NESTING and declared sizes above
 ``memory_budget()`` before anything is allocated (v5: ``matscan`` walks the file first;
@@ -37,12 +48,13 @@ import numpy as np
 
 from harness.mcn.mat_hdf5 import hdf5_variable_names, read_hdf5, write_hdf5
 from harness.mcn.mat_v5 import read_v5, v5_variable_names
-from harness.mcn.mat_values import MatlabObject, is_sparse, unreadable
+from harness.mcn.mat_values import MatlabObject, is_sparse, safe_label, unreadable
 from harness.mcn.net import Layer, Net, matlab_field, python_field
 from harness.mcn.options import McnError
 
 __all__ = [
     "Checkpoint",
+    "DagNNNotSupported",
     "MatlabObject",
     "list_variables",
     "load_checkpoint",
@@ -120,8 +132,29 @@ def list_variables(path: str | os.PathLike) -> list[str]:
 
 # --------------------------------------------------------------------------- to Net
 
+_LOSS_TYPES = ("loss", "softmaxloss")
+# pre-beta layers: filters/biases and their per-parameter multipliers (cnn_train's
+# defaults for a missing one were 1)
+_OLD_MULTIPLIERS = {
+    "learningRate": ("filtersLearningRate", "biasesLearningRate"),
+    "weightDecay": ("filtersWeightDecay", "biasesWeightDecay"),
+}
+
 
 def _net_from_struct(s: Any, source: str) -> Net:
+    """A ``Net`` from a converted simplenn struct (or a bare cell of layer structs).
+
+    What MATLAB files really hold is adapted, and ``net.notes`` says so where something
+    is left out: integer and logical numbers (MATLAB stores integer-valued doubles as
+    uint8, and scipy returns the stored type) become float64, a 1x1 weight a (1, 1)
+    array, pre-beta ``filters``/``biases`` become ``weights`` (their multipliers
+    ``learningRate``/``weightDecay`` pairs), an old cnn_train's per-layer ``momentum`` is
+    dropped (solver state), and so is a field holding a MATLAB object (a function handle,
+    a gpuArray ...) except ``type`` and ``weights``, which the caller refuses."""
+    notes: list[str] = []
+    if _is_layer_cell(s):
+        notes.append("the net is a bare cell of layer structs (no 'layers' field): read as net.layers")
+        s = {"layers": s}
     if not isinstance(s, dict) or "layers" not in s:
         raise McnError(f"Expected {source} to be a simplenn net struct with a 'layers' field.")
     layers_raw = s["layers"]
@@ -129,41 +162,141 @@ def _net_from_struct(s: Any, source: str) -> Net:
         layers_raw = [layers_raw]
     if not isinstance(layers_raw, list):
         raise McnError(f"Expected {source}.layers to be a cell array of layer structs.")
-    layers = []
-    for i, raw in enumerate(layers_raw):
-        if not isinstance(raw, dict) or "type" not in raw:
-            raise McnError(f"{source}.layers{{{i + 1}}}: Expected a struct with a 'type' field.")
-        fields = {}
-        for key, value in raw.items():
-            if key == "weights":
-                value = [_as_weight(w) for w in _as_list(value)]
-            elif key == "precious":
-                try:
-                    value = bool(np.asarray(value).any()) if np.size(value) else False
-                except (ValueError, TypeError):
-                    raise McnError(
-                        f"{source}.layers{{{i + 1}}}.precious: Expected a logical value. "
-                        f"Received {type(value).__name__}"
-                    ) from None
-            elif key == "opts":
-                value = _as_list(value)
-            fields[python_field(key)] = value
-        layer_type = fields.pop("type")
-        name = fields.pop("name", None)
-        weights = fields.pop("weights", None)
-        layers.append(Layer(layer_type, name, weights, **fields))
+    momentum: list[str] = []
+    layers = [_layer_from_struct(raw, i, source, notes, momentum) for i, raw in enumerate(layers_raw)]
+    if momentum:
+        notes.append(
+            f"{', '.join(momentum)}: field 'momentum' (the solver state of an old cnn_train) ignored"
+        )
     meta = s.get("meta", {})
     if not isinstance(meta, dict):
         meta = {}
-    return Net(layers, meta)
+    return Net(layers, _as_double(meta), notes)
 
 
-def _as_weight(w: Any) -> Any:
-    """A weight as an array (1x1 numbers come back as Python numbers); sparse matrices,
-    MATLAB objects and anything NumPy cannot stack are kept as they are, for the caller
-    to refuse with its own message."""
-    if isinstance(w, np.ndarray | MatlabObject) or is_sparse(w):
+def _is_layer_cell(s: Any) -> bool:
+    """A cell of layer structs (each then checked for its 'type')."""
+    return isinstance(s, list) and all(isinstance(x, dict) for x in s) and any("type" in x for x in s)
+
+
+def _layer_from_struct(raw: Any, i: int, source: str, notes: list[str], momentum: list[str]) -> Layer:
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise McnError(f"{source}.layers{{{i + 1}}}: Expected a struct with a 'type' field.")
+    raw = _old_style_weights(dict(raw))
+    name = raw.get("name")
+    where = f"layer {i + 1} '{safe_label(name) if isinstance(name, str) else f'layer{i + 1}'}'"
+    fields = {}
+    for key, value in raw.items():
+        if key == "momentum":  # old cnn_train kept its momentum buffers in the layers
+            momentum.append(where)
+            continue
+        if key == "weights":
+            value = _as_weights(value)
+        elif key != "type" and (obj := _find_object(value)) is not None:
+            notes.append(
+                f"{where}: field '{safe_label(key)}' holds a MATLAB {safe_label(obj)} object; ignored"
+            )
+            continue
+        elif key == "precious":
+            try:
+                value = bool(np.asarray(value).any()) if np.size(value) else False
+            except (ValueError, TypeError):
+                raise McnError(
+                    f"{source}.layers{{{i + 1}}}.precious: Expected a logical value. "
+                    f"Received {type(value).__name__}"
+                ) from None
+        elif key == "opts":
+            value = _as_double(_as_list(value))
+        elif key != "type":
+            value = _as_double(value)
+        fields[python_field(key)] = value
+    layer_type = fields.pop("type")
+    name = fields.pop("name", None)
+    weights = fields.pop("weights", None)
+    return Layer(layer_type, name, weights, **fields)
+
+
+def _old_style_weights(raw: dict[str, Any]) -> dict[str, Any]:
+    """Pre-beta ``filters``/``biases`` as ``weights`` (as vl_simplenn_tidy does), and
+    ``filtersLearningRate``/``biasesLearningRate`` (``...WeightDecay``) as the
+    ``learningRate`` (``weightDecay``) pair [filters biases], a missing one being 1."""
+    if "filters" in raw and _no_weights(raw.get("weights")):
+        raw["weights"] = [raw.pop("filters"), raw.pop("biases", np.zeros((0, 0)))]
+    for new, old in _OLD_MULTIPLIERS.items():
+        if new in raw or not any(k in raw for k in old):
+            continue
+        pair = [_scalar(raw.get(k, 1.0)) for k in old]
+        if None not in pair:
+            for k in old:
+                raw.pop(k, None)
+            raw[new] = np.array([pair], dtype=np.float64)
+    return raw
+
+
+def _no_weights(w: Any) -> bool:
+    return w is None or (isinstance(w, list) and not w) or (isinstance(w, np.ndarray) and w.size == 0)
+
+
+def _scalar(v: Any) -> float | None:
+    """A real number (Python, NumPy, or a one-element real array) as float; else None."""
+    if isinstance(v, np.ndarray) and v.size == 1 and v.dtype.kind in "biuf":
+        v = v.ravel()[0]
+    if isinstance(v, bool | int | float | np.bool_ | np.integer | np.floating):
+        return float(v)
+    return None
+
+
+def _find_object(v: Any) -> str | None:
+    """The class of the first MATLAB object (function handle, MCOS ...) in ``v``, else None."""
+    if isinstance(v, MatlabObject):
+        return v.matlab_class
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+    for item in items:
+        found = _find_object(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _as_double(v: Any) -> Any:
+    """Integer and logical numbers as float64 (arrays) and float (numbers), in cells and
+    structs too: MATLAB holds these fields as double, scipy returns the stored integer
+    type, and integer arithmetic would wrap around (uint8: 200 + 100 = 44)."""
+    if isinstance(v, bool | int | np.bool_ | np.integer):
+        return float(v)
+    if isinstance(v, np.ndarray) and v.dtype.kind in "biu":
+        return v.astype(np.float64)
+    if isinstance(v, list):
+        return [_as_double(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _as_double(x) for k, x in v.items()}
+    return v
+
+
+def _as_weights(value: Any) -> list:
+    """``weights`` as a list of arrays. MATLAB weights are single or double only: integer
+    and logical arrays (integer-valued doubles stored compactly) become float64; a 1x1
+    weight (a Python number) becomes a (1, 1) array in the class of the layer's other
+    floating weights (single with single filters), float64 otherwise."""
+    items = _as_list(value)
+    like = next(
+        (w.dtype for w in items if isinstance(w, np.ndarray) and w.dtype in (np.float32, np.float64)),
+        np.dtype(np.float64),
+    )
+    return [_as_weight(w, like) for w in items]
+
+
+def _as_weight(w: Any, like: np.dtype | None = None) -> Any:
+    """A weight as an array; sparse matrices, MATLAB objects and anything NumPy cannot
+    stack are kept as they are, for the caller to refuse with its own message."""
+    if isinstance(w, MatlabObject) or is_sparse(w):
         return w
+    if isinstance(w, np.ndarray):
+        return w.astype(np.float64) if w.dtype.kind in "biu" else w
+    if isinstance(w, bool | int | np.bool_ | np.integer):
+        return np.full((1, 1), float(w), dtype=np.float64)
+    if isinstance(w, float | np.floating):
+        return np.full((1, 1), w, dtype=like or np.float64)
     try:
         return np.asarray(w)
     except (ValueError, TypeError):
@@ -178,22 +311,129 @@ def _as_list(v: Any) -> list:
     return [v]
 
 
-def _find_net(variables: dict[str, Any], path: str) -> tuple[Net, dict[str, Any]]:
-    if "net" in variables:
-        return _net_from_struct(variables["net"], f"{path}: variable 'net'"), variables
-    if "layers" in variables:
-        return _net_from_struct(variables, path), variables
-    names = ", ".join(sorted(list_variables(path))) or "none"
-    raise McnError(
-        f"Expected {path} to hold a MatConvNet simplenn net (a 'net' variable or 'layers' at top level). "
-        f"Received variables: {names}"
+# --------------------------------------------------------------------------- DagNN
+
+
+class DagNNNotSupported(McnError):
+    """The file holds a MatConvNet DagNN network (``dagnn.DagNN``), not a simplenn one."""
+
+
+_DAGNN_LAYER_FIELDS = frozenset({"inputs", "outputs", "block"})
+
+
+def _dagnn_layers(layers: Any) -> bool:
+    """Whether ``layers`` holds a DagNN layer: type 'dagnn.*', or inputs/outputs/block."""
+    items = [layers] if isinstance(layers, dict) else layers if isinstance(layers, list) else []
+    for layer in items:
+        if isinstance(layer, dict):
+            t = layer.get("type")
+            if (isinstance(t, str) and t.startswith("dagnn.")) or _DAGNN_LAYER_FIELDS <= layer.keys():
+                return True
+    return False
+
+
+def _is_dagnn(s: Any) -> bool:
+    """A dagnn.DagNN saveobj struct (vars, params, layers with inputs/outputs/block) or
+    a dagnn.DagNN object saved as such."""
+    if isinstance(s, MatlabObject):
+        return s.matlab_class.startswith("dagnn.")
+    if isinstance(s, list):  # a bare cell of DagNN layers
+        return _dagnn_layers(s)
+    return (
+        isinstance(s, dict)
+        and "layers" in s
+        and ({"vars", "params"} <= s.keys() or _dagnn_layers(s["layers"]))
     )
 
 
+def _count(v: Any) -> int:
+    return len(v) if isinstance(v, list) else 1 if isinstance(v, dict) else 0
+
+
+def _names(layers: list, key: str) -> set[str]:
+    out: set[str] = set()
+    for layer in layers:
+        v = layer.get(key) if isinstance(layer, dict) else None
+        out.update(x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str))
+    return out
+
+
+def _dagnn_error(s: Any, path: str) -> DagNNNotSupported:
+    if isinstance(s, MatlabObject):
+        what = f"saved as a MATLAB {safe_label(s.matlab_class)} object"
+    else:
+        s = {"layers": s} if isinstance(s, list) else s
+        layers = s["layers"] if isinstance(s["layers"], list) else [s["layers"]]
+        # vars and params not read (fields at top level): every var is a layer's input or
+        # output, every param a layer's parameter
+        n_vars = (
+            _count(s["vars"]) if "vars" in s else len(_names(layers, "inputs") | _names(layers, "outputs"))
+        )
+        n_params = _count(s["params"]) if "params" in s else len(_names(layers, "params"))
+        what = f"{n_vars} vars, {n_params} params, {len(layers)} layers"
+    return DagNNNotSupported(
+        f"{path}: this file holds a MatConvNet DagNN network (dagnn.DagNN: vars, params, layers; {what}); "
+        "mcn-harness reads simplenn networks only so far (DagNN support is planned)"
+    )
+
+
+# --------------------------------------------------------------------------- finding the net
+
+
+def _find_net(
+    variables: dict[str, Any], path: str, checkpoint: bool | None = None
+) -> tuple[Net, dict[str, Any]]:
+    """The net of a file's variables. ``checkpoint``: whether the file is a cnn_train
+    checkpoint (None: find out from the file's variable names, only if it matters)."""
+    if "net" in variables:
+        if _is_dagnn(variables["net"]):
+            raise _dagnn_error(variables["net"], path)
+        net = _net_from_struct(variables["net"], f"{path}: variable 'net'")
+    elif "layers" in variables:
+        if _is_dagnn(variables) or (
+            isinstance(variables["layers"], list | dict) and {"vars", "params"} <= set(list_variables(path))
+        ):
+            raise _dagnn_error(variables, path)
+        net = _net_from_struct(variables, path)
+    else:
+        names = ", ".join(sorted(list_variables(path))) or "none"
+        raise McnError(
+            f"Expected {path} to hold a MatConvNet simplenn net (a 'net' variable or 'layers' at top level). "
+            f"Received variables: {names}"
+        )
+    _drop_stale_labels(net, path, checkpoint)
+    return net, variables
+
+
+_TRAINING_VARIABLES = frozenset({"state", "stats", "info"})
+
+
+def _drop_stale_labels(net: Net, path: str, checkpoint: bool | None) -> None:
+    """cnn_train sets the loss layer's ``class`` to each batch's labels and saves the net
+    with the last batch's still there: in a checkpoint that field is stale (a net saved
+    with ``class`` on purpose, as the golden files are, keeps it)."""
+    for i, layer in enumerate(net.layers):
+        if layer.type not in _LOSS_TYPES or not layer.has("class_"):
+            continue
+        if checkpoint is None:
+            checkpoint = bool(_TRAINING_VARIABLES & set(list_variables(path)))
+        if not checkpoint:
+            return
+        name = layer.name if isinstance(layer.name, str) else f"layer{i + 1}"
+        del layer.class_
+        net.notes.append(
+            f"layer {i + 1} '{safe_label(name)}': stale field 'class' "
+            "(labels of the last training batch) ignored"
+        )
+
+
 def load_net(path: str | os.PathLike) -> Net:
-    """Load a simplenn net from a .mat file (v5/v7 or v7.3): a ``net`` variable, the
-    struct's fields at top level, or a cnn_train checkpoint. The net is returned as
-    stored (call ``vl_simplenn_tidy`` to fill MatConvNet's defaults)."""
+    """Load a simplenn net from a .mat file (v5/v7 or v7.3): a ``net`` variable (a net
+    struct or a bare cell of layer structs), the struct's fields at top level, or a
+    cnn_train checkpoint of any era. The net is returned as stored, adapted as
+    ``_net_from_struct`` says (call ``vl_simplenn_tidy`` to fill MatConvNet's defaults);
+    ``net.notes`` lists what was left out (MATLAB objects in layer fields, a checkpoint's
+    stale loss labels). A DagNN file raises ``DagNNNotSupported`` (an McnError)."""
     net, _ = _find_net(read_variables(path, NET_VARIABLES), str(path))
     return net
 
@@ -202,7 +442,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load a cnn_train checkpoint (``net-epoch-N.mat``): net, state (solverState) and
     stats (older cnn_train versions saved them as ``info``)."""
     variables = read_variables(path, CHECKPOINT_VARIABLES)
-    net, _ = _find_net(variables, str(path))
+    net, _ = _find_net(variables, str(path), checkpoint=bool(_TRAINING_VARIABLES & variables.keys()))
     state = variables.get("state", {})
     stats = variables.get("stats", variables.get("info", {}))
     return Checkpoint(net, state if isinstance(state, dict) else {}, stats if isinstance(stats, dict) else {})

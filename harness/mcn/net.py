@@ -149,14 +149,27 @@ class Layer:
 
 
 class Net:
-    """A simplenn network: ``layers`` (list of Layer) and ``meta`` (dict, MatConvNet keys)."""
+    """A simplenn network: ``layers`` (list of Layer) and ``meta`` (dict, MatConvNet keys).
 
-    def __init__(self, layers: list[Layer] | None = None, meta: dict | None = None):
+    ``notes`` (list of str) says what the loader adapted or left out of the file it read
+    (a function handle, a stale label field, ...): one line each, naming the layer and
+    the field. They are copied by ``copy()`` but are not part of the network: ``==``
+    ignores them and ``save_net`` does not write them.
+    """
+
+    def __init__(
+        self, layers: list[Layer] | None = None, meta: dict | None = None, notes: list[str] | None = None
+    ):
         self.layers = list(layers) if layers is not None else []
         self.meta = dict(meta) if meta is not None else {}
+        self.notes: list[str] = list(notes) if notes is not None else []
 
     def copy(self) -> Net:
         return copy.deepcopy(self)
+
+    def __setstate__(self, state: dict) -> None:  # a Net pickled before ``notes`` existed
+        self.__dict__.update(state)
+        self.__dict__.setdefault("notes", [])
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -167,7 +180,7 @@ class Net:
     def index(self, name: str) -> int:
         return self.layers.index(self.layer(name))
 
-    def __eq__(self, other: object) -> bool:
+    def __eq__(self, other: object) -> bool:  # the network only: ``notes`` are not compared
         return (
             isinstance(other, Net)
             and len(self.layers) == len(other.layers)

@@ -58,7 +58,7 @@ def vl_simplenn_tidy(net: Net) -> Net:
         raise McnError(f"Expected net to be a harness.mcn.Net. Received net={type(net).__name__}")
     if not isinstance(net.layers, list):
         raise McnError(f"Expected net.layers to be a list of layers. Received {describe(net.layers)}")
-    tnet = Net(meta=dict(net.meta) if isinstance(net.meta, dict) else {})
+    tnet = Net(meta=dict(net.meta) if isinstance(net.meta, dict) else {}, notes=getattr(net, "notes", None))
     for i, src in enumerate(net.layers):
         if not isinstance(src, Layer):
             raise McnError(f"layer {i + 1}: Expected a layer struct. Received {describe(src)}")

@@ -61,6 +61,7 @@ class _Settings:
     dialect: str
     batch: int
     report_dir: Path | None
+    images: Path | None = None
     _net: Any = None
     _factory: Any = None
     reports: list[Path] = field(default_factory=list)
@@ -126,6 +127,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="images in the probe_batch fixture (default 4)",
     )
     group.addoption(
+        "--harness-images",
+        metavar="PATH",
+        help="probe with your data instead of random images: an imdb .mat, a PNG/JPEG file or a "
+        "directory of them (fixtures probe_batch and harness_equivalence)",
+    )
+    group.addoption(
         "--harness-report",
         metavar="DIR",
         help="write a JSON report per test that uses harness_equivalence into DIR",
@@ -172,7 +179,13 @@ def _settings(config: pytest.Config) -> _Settings:
         report_dir = here / report_dir
         if report_dir.exists() and not report_dir.is_dir():
             raise _OptionError(f"--harness-report {report_dir}: exists and is not a directory")
+    images = config.getoption("harness_images")
+    if images is not None:
+        images = here / images
+        if not images.exists():
+            raise _OptionError(f"--harness-images {images}: no such file or directory")
     return _Settings(
+        images=images,
         net_spec=net_spec,
         net_option=net_option,
         net_base=net_base,
@@ -278,8 +291,34 @@ def keras_model(request: pytest.FixtureRequest):
 @pytest.fixture
 def probe_batch(mcn_net, request: pytest.FixtureRequest):
     """``(x, labels)``: x H x W x C x N from the net's inputSize (N = --harness-batch,
-    RandomState(0)), labels 1 x N, 1-based, in range of the classifier's outputs."""
-    return _probe_batch(mcn_net, request.config.stash[_SETTINGS].batch)
+    RandomState(0)), labels 1 x N, 1-based, in range of the classifier's outputs; with
+    --harness-images, the user's images (``harness.io.images``)."""
+    settings = request.config.stash[_SETTINGS]
+    if settings.images is not None:
+        return _image_batch(mcn_net, settings)
+    return _probe_batch(mcn_net, settings.batch)
+
+
+def _image_batch(net, settings: _Settings):
+    """``(x, labels)`` from --harness-images for ``net``; a file that cannot be read fails
+    the test with one line."""
+    from harness.io.images import load_probe_images
+    from harness.io.specs import input_size, num_classes, resolve_input_size, with_input_size
+
+    try:
+        net = with_input_size(net, *resolve_input_size(net))
+        has_loss = bool(net.layers) and net.layers[-1].type in ("softmaxloss", "loss")
+        batch = load_probe_images(
+            settings.images,
+            input_size(net),
+            settings.batch,
+            normalization=net.meta.get("normalization"),
+            classes=num_classes(net) if has_loss else None,
+            option="--harness-images",
+        )
+    except McnError as err:
+        pytest.fail(f"mcn-harness could not run: {safe_text(' '.join(str(err).split()))}", pytrace=False)
+    return batch.x, batch.labels
 
 
 @pytest.fixture
@@ -312,6 +351,9 @@ def harness_equivalence(request: pytest.FixtureRequest):
 
     def check(net=None, model=None, x=None, labels=None, **options: Any):
         __tracebackhide__ = True
+        if x is None and settings.images is not None:
+            x, own = _image_batch(net if net is not None else request.getfixturevalue("mcn_net"), settings)
+            labels = own if labels is None else labels
         try:
             return fixture(net, model, x, labels, **options)
         except AssertionError:

@@ -271,5 +271,6 @@ CUSTOM_OBJECTS = {
         Subsample,
         AddBias,
         MatConvNetSoftmaxLoss,
+        GroupedConv2DTranspose,
     )
 }

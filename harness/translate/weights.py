@@ -375,6 +375,10 @@ class WeightMap:
 
     def _load(self, layer: Layer, klayer, index: int) -> None:
         current = klayer.get_weights()
+        if layer.type == "conv" and is_empty(layer.weights[0]):  # a bias alone (AddBias)
+            b = np.asarray(layer.weights[1], dtype=np.float64).ravel()
+            self._set(klayer, [b], current, index, [ROLES["bias"].tensor])
+            return
         if layer.type == "bnorm":
             names = [r.tensor for r in bnorm_roles(klayer)]
             self._set(klayer, bnorm_to_keras(layer, klayer), current, index, names)
@@ -437,6 +441,8 @@ class WeightMap:
         """``(tensor name, Keras derivative in MatConvNet layout, off-diagonal part or
         None)`` for ``grads``, the derivatives of ``klayer``'s trainable variables."""
         out = []
+        if layer.type == "conv" and is_empty(layer.weights[0]):  # a bias alone (AddBias)
+            return [(ROLES["bias"].gradient, fit_shape(grads[0], np.shape(layer.weights[1])), None)]
         if layer.type == "bnorm":
             roles = [r for r in bnorm_roles(klayer) if r.trainable]
             for role, g in zip(roles, grads, strict=False):

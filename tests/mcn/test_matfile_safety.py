@@ -374,7 +374,9 @@ def test_v5_function_handle_and_objects(tmp_path):
     assert v["obj"] == MatlabObject("myclass")
     assert v["net"]["layers"][0]["forward"] == MatlabObject("function_handle")
     assert "gpuArray" in repr(v["gpu"])
-    assert load_net(p).layers[0].forward.matlab_class == "function_handle"
+    net = load_net(p)  # the custom layer stays; its handle is dropped with a note
+    assert net.layers[0].type == "custom" and not net.layers[0].has("forward")
+    assert net.notes == ["layer 1 'layer1': field 'forward' holds a MATLAB function_handle object; ignored"]
 
 
 # --------------------------------------------------------------------------- v7.3

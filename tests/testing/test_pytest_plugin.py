@@ -196,3 +196,43 @@ def test_a_run_that_uses_no_fixture_does_not_import_tensorflow(pytester: pytest.
     pytester.makepyfile("import sys\n\ndef test_light():\n    assert 'tensorflow' not in sys.modules\n")
     result = pytester.runpytest_subprocess(*FIXED)
     result.assert_outcomes(passed=1)
+
+
+def test_harness_images_probe_with_the_users_imdb(user: pytest.Pytester):
+    """--harness-images: probe_batch and harness_equivalence take the user's images (test
+    set first), not random ones; the fixed model stays equivalent on them."""
+    import numpy as np
+    import scipy.io
+
+    rng = np.random.RandomState(5)
+    data = rng.rand(28, 28, 1, 6).astype(np.float32)
+    labels = np.array([[1, 2, 2, 1, 2, 1]], float)
+    sets = np.array([[1, 3, 1, 3, 3, 1]], float)
+    scipy.io.savemat(user.path / "imdb.mat", {"images": {"data": data, "labels": labels, "set": sets}})
+    user.makepyfile(
+        test_images="""
+import numpy as np
+import scipy.io
+
+def test_probe_batch_is_the_imdb(probe_batch):
+    x, labels = probe_batch
+    data = scipy.io.loadmat("imdb.mat")["images"][0, 0]["data"]
+    assert np.array_equal(x, data[..., [1, 3, 4, 0]].astype(np.float64))
+    assert labels.tolist() == [[2.0, 1.0, 2.0, 1.0]]
+
+def test_images_reach_the_check(harness_equivalence, monkeypatch):
+    import harness.pipeline
+
+    seen = []
+    real = harness.pipeline.check
+    monkeypatch.setattr(harness.pipeline, "check", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    assert harness_equivalence().ok
+    data = scipy.io.loadmat("imdb.mat")["images"][0, 0]["data"]
+    assert len(seen) == 1 and np.array_equal(seen[0], data[..., [1, 3, 4, 0]])
+"""
+    )
+    result = user.runpytest(*FIXED, "--harness-images", "imdb.mat", "test_images.py")
+    result.assert_outcomes(passed=2)
+    bad = user.runpytest(*FIXED, "--harness-images", "missing.mat", "test_images.py")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--harness-images *missing.mat: no such file or directory*"])

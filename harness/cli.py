@@ -216,7 +216,11 @@ def _cmd_seed_demo(args) -> int:
 
 
 def _cmd_reference(args) -> int:
-    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd(), upto=args.upto)
+    from harness.mcn.dagnn import DagNet
+
+    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd(), upto=args.upto, dagnn=True)
+    if isinstance(net, DagNet):
+        return _reference_dag(net, args)
     net = with_input_size(net, *resolve_input_size(net, None, args.input_size))
     dtype = np.float64 if args.dtype == "float64" else np.float32
     images = _probe_images(net, args)
@@ -269,6 +273,67 @@ def _cmd_port(args) -> int:
         f"check it:  mcn-harness check --mcn {safe_text(args.mcn)} --keras {here}/model.keras\n"
         f"guard it:  python -m pytest {here}/test_port.py"
     )
+    return 0
+
+
+def _reference_dag(net, args) -> int:
+    """``reference`` on a DagNN network: random inputs of ``--input-size`` (default 32 x 32,
+    the depth of the filters that read each input), random labels for the Loss layers,
+    forward and backward (derivative 1 at each loss, ones at the other outputs)."""
+    from harness.mcn.geometry import DEFAULT_SPATIAL
+
+    if args.upto or args.images:
+        raise InputError("--upto and --images apply to simplenn networks only so far")
+    rng = np.random.RandomState(args.seed)
+    dtype = np.float64 if args.dtype == "float64" else np.float32
+    losses = [l for l in net.layers if l.type == "dagnn.Loss"]
+    label_vars = {l.inputs[1] for l in losses if len(l.inputs) > 1}
+    inputs = {}
+    for name in net.get_inputs():
+        if name in label_vars:
+            continue
+        depth = 1
+        for layer in net.layers:
+            if name in layer.inputs and layer.type in ("dagnn.Conv", "dagnn.ConvTranspose") and layer.params:
+                f = np.asarray(net.param(layer.params[0]).value)
+                f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+                depth = int(f.shape[2] if layer.type == "dagnn.Conv" else f.shape[3])
+                break
+        h, w, c = args.input_size if args.input_size else (DEFAULT_SPATIAL, DEFAULT_SPATIAL, depth)
+        inputs[name] = rng.randn(h, w, c, args.batch).astype(dtype)
+    net.eval(inputs, mode="test")  # the loss inputs' sizes, for the labels
+    der_outputs = {}
+    for layer in losses:
+        scores = np.asarray(net.var(layer.inputs[0]).value)
+        scores = scores.reshape(scores.shape + (1,) * (4 - scores.ndim))
+        if len(layer.inputs) > 1:
+            labels = rng.randint(1, scores.shape[2] + 1, size=(*scores.shape[:2], 1, scores.shape[3]))
+            inputs[layer.inputs[1]] = labels.astype(np.float64)
+        der_outputs[layer.outputs[0]] = 1.0
+    if not der_outputs:
+        der_outputs = {o: np.ones_like(np.asarray(net.var(o).value)) for o in net.get_outputs()}
+    net.reset()
+    net.eval(inputs, der_outputs, mode=args.mode, rng=np.random.default_rng(args.seed))
+    print(
+        f"MatConvNet reference (DagNN): {len(net.layers)} layers, {len(net.vars)} vars, "
+        f"{len(net.params)} params, batch {args.batch}, {args.dtype}, mode {args.mode}"
+    )
+    for note in net.notes:
+        print(f"note: {safe_text(note)}")
+    shown = ", ".join(f"{k} {' x '.join(map(str, np.shape(v)[:3]))}" for k, v in inputs.items())
+    print(f"inputs: {safe_text(shown)}")
+    head = f"{'#':>3}  {'layer':<16} {'type':<18} {'output':<14} {'(H x W x C)':<16}"
+    print(f"{head} {'|x|max':>10} {'|dzdx|max':>10}")
+    for k, i in enumerate(net.execution_order()):
+        layer = net.layers[i]
+        var = net.var(layer.outputs[0])
+        y = np.asarray(var.value) if var.value is not None else np.zeros(0)
+        shape = " x ".join(str(d) for d in (y.shape + (1,) * (3 - y.ndim))[:3]) if y.size > 1 else "scalar"
+        d = "" if var.der is None else f"{float(np.max(np.abs(var.der), initial=0.0)):>10.3g}"
+        print(
+            f"{k + 1:>3}  {safe_text(layer.name):<16.16} {safe_text(layer.type):<18.18} "
+            f"{safe_text(var.name):<14.14} {shape:<16} {float(np.max(np.abs(y), initial=0.0)):>10.3g} {d}"
+        )
     return 0
 
 

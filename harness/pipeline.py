@@ -111,8 +111,10 @@ def check(
     from harness.equivalence.align import align
     from harness.equivalence.run import compare
     from harness.io.specs import InputError, probe_batch, resolve_input_size, runnable_net, with_input_size
+    from harness.mcn.matfile import require_simplenn
     from harness.mcn.simplenn import vl_simplenn_tidy
 
+    require_simplenn(net, "check")
     net, cut = runnable_net(net, upto)
     net = vl_simplenn_tidy(net)
     net.notes = [*net.notes, *(c for c in cut if c not in net.notes)]

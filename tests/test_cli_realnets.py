@@ -77,23 +77,16 @@ def test_check_with_the_users_imdb_and_upto(tmp_path):
     assert question.returncode == 0, question.stdout + question.stderr
 
 
-def test_a_dagnn_file_is_one_line_and_exit_2(tmp_path):
-    layer = {
-        "name": "conv1",
-        "type": "dagnn.Conv",
-        "inputs": np.array(["input"], dtype=object),
-        "outputs": np.array(["x1"], dtype=object),
-        "params": np.array(["f1"], dtype=object),
-        "block": {"size": np.array([3.0, 3, 1, 2])},
-    }
-    net = {
-        "vars": [{"name": "input"}, {"name": "x1"}],
-        "params": [{"name": "f1", "value": np.zeros((3, 3, 1, 2))}],
-        "layers": [layer],
-        "meta": {},
-    }
+def test_a_dagnn_file_runs_in_reference_and_is_one_line_elsewhere(tmp_path):
+    from tests.mcn.test_realworld_traits import _struct_array_v5, dagnn_struct
+
     path = tmp_path / "dag.mat"
-    scipy.io.savemat(path, {"net": net})
-    out = run("reference", "--mcn", str(path))
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "DagNN" in out.stderr and "simplenn networks only" in out.stderr
+    scipy.io.savemat(path, {"net": {k: _struct_array_v5(v) for k, v in dagnn_struct().items()}})
+    ref = run("reference", "--mcn", str(path), "--batch", "2", "--input-size", "6", "5", "1")
+    assert ref.returncode == 0, ref.stderr
+    assert "MatConvNet reference (DagNN): 2 layers, 3 vars, 2 params, batch 2" in ref.stdout
+    assert "relu1            dagnn.ReLU         prediction     4 x 3 x 3" in ref.stdout
+    for command in (["check", "--keras", "seed-fixed"], ["port", "--out", str(tmp_path / "port")]):
+        out = run(*command, "--mcn", str(path))
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "does not support DagNN networks yet" in out.stderr and "simplenn networks only" in out.stderr

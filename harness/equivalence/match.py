@@ -111,6 +111,7 @@ def match_outputs(
     layouts: str = "any",
     inside: list[str | None] | None = None,
     layout_ops: list[bool] | None = None,
+    runs: list[set[str]] | None = None,
 ) -> list[Match]:
     """One ``Match`` per reference output ``refs[i]`` (``H x W x C x N``) among
     ``captures`` (Keras tensors, batch first, in execution order). With ``alt`` (the
@@ -123,7 +124,9 @@ def match_outputs(
     only N x H x W x C and its row-major flattening. A tensor computed inside a Keras
     layer (``inside``: its name) is a candidate only for the MatConvNet layer the structure
     pairs with that layer (a conv's pre-activation): a mean inside a BatchNormalization
-    is no ReLU's output, whatever its values."""
+    is no ReLU's output, whatever its values. An output whose elements are all equal is
+    looked for only among the Keras layers the structure pairs with it (``hints``, and
+    ``runs``: the labels of each layer's Keras run)."""
     out: list[Match] = []
     cursor = -1  # the capture of the last exact match
     for k, ref in enumerate(refs):
@@ -141,9 +144,15 @@ def match_outputs(
         # after the last match: then that is its counterpart, identity or not
         again = cursor >= 0 and (hint is None or hint not in labels[cursor + 1 :])
         order = list(range(cursor + 1, len(captures))) + ([cursor] if again else [])
+        # an output whose elements are all equal (zero filters, a bnorm of one value) tells
+        # no tensor apart: only the Keras layer the structure pairs with it may hold it
+        own = {hint, *(runs[k] if runs and k < len(runs) else ())} - {None}
+        constant = bool(own) and ref.size > 1 and bool(np.all(ref == ref.flat[0]))
         for j in order:
             cap = captures[j]
             if cap.shape[0] != ref.shape[3] or inside and inside[j] is not None and inside[j] != hint:
+                continue
+            if constant and j != cursor and labels[j].split(":")[0] not in own:
                 continue
             for view in _views(cap.shape, hwc):
                 moved = layout_ops is not None and not layout_ops[j]

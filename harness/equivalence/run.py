@@ -31,6 +31,7 @@ from harness.equivalence.report import LIMITATIONS, Report, Row
 from harness.equivalence.rows import build_rows
 from harness.equivalence.tolerance import tolerance_for
 from harness.mcn.geometry import layer_output_shapes
+from harness.mcn.matfile import require_simplenn
 from harness.mcn.net import Net
 from harness.mcn.options import McnError, as_4d, check_budget, memory_budget
 from harness.mcn.simplenn import vl_simplenn_tidy
@@ -77,6 +78,7 @@ def compare(
     ``weights="model"`` the model keeps its own weights, and each parameter is compared
     too (rows ``w{j}``, in Keras' layout).
     """
+    require_simplenn(net, "compare")
     if weights not in ("net", "model"):
         raise McnError(f"Expected weights 'net' or 'model'. Received weights={weights!r}")
     tidy = vl_simplenn_tidy(net)
@@ -157,6 +159,7 @@ def compare(
         hints=hints,
         inside=side.inside,
         layout_ops=side.layout_ops,
+        runs=side.runs,
     )
     alt = None
     if run_dtype == "float64" and not all(m.exact for m in matches):
@@ -175,6 +178,7 @@ def compare(
             hints=hints,
             inside=side.inside,
             layout_ops=side.layout_ops,
+            runs=side.runs,
         )
     rows = build_rows(net, alignment, params, res, side, matches, tol, alt, model_dtype(model))
     limitations = []

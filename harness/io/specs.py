@@ -96,13 +96,20 @@ def keras_model_factory(spec: str | None, option: str, base: Path):
     return obj
 
 
-def load_mcn_spec(spec: str | None, option: str, base: Path, *, upto: str | None = None):
+def load_mcn_spec(spec: str | None, option: str, base: Path, *, upto: str | None = None, dagnn: bool = False):
     """The net ``spec`` names ('seed' or a .mat file), tidied, cut to the layers the
-    reference can run (``runnable_net``); what was cut or adapted is in ``net.notes``."""
+    reference can run (``runnable_net``); what was cut or adapted is in ``net.notes``.
+    A DagNN file gives a ``DagNet`` with ``dagnn`` (the layers the reference cannot run
+    removed, ``runnable_dag``), else one line saying the command does not support it yet."""
     from harness.mcn import McnError, load_net, seed_net, vl_simplenn_tidy
+    from harness.mcn.dagnn import DagNet
+    from harness.mcn.matfile import require_simplenn
 
     try:
         net = seed_net(seed=0) if spec == "seed" else load_net(base / spec)
+        if isinstance(net, DagNet) and dagnn:
+            return runnable_dag(net)
+        net = require_simplenn(net, "this command")
         net, notes = runnable_net(net, upto)
         net = vl_simplenn_tidy(net)
     except InputError as err:
@@ -115,6 +122,29 @@ def load_mcn_spec(spec: str | None, option: str, base: Path, *, upto: str | None
         raise InputError(f"{option} {spec!r}: {text}") from None
     net.notes = [*net.notes, *notes]
     return net
+
+
+def runnable_dag(net):
+    """A DagNet without the layers the reference cannot run (custom blocks, a Loss whose
+    type vl_nnloss does not know), each removed with a note."""
+    from harness.mcn import dagnn_blocks
+
+    out = net.copy()
+    out.notes = [n for n in net.notes if "net.remove_layer" not in n]  # done here, said below
+    for layer in list(out.layers):
+        loss = layer.block.get("loss")
+        custom_loss = layer.type == "dagnn.Loss" and not (
+            isinstance(loss, str) and loss.lower() in dagnn_blocks.LOSSES
+        )
+        if custom_loss or not dagnn_blocks.supported(layer.type):
+            what = f"loss {loss!r}" if custom_loss else "a custom layer"
+            out.remove_layer(layer.name)
+            out.notes.append(
+                f"layer '{layer.name}' ({layer.type}, {what}) removed: the reference cannot run it"
+            )
+    if not out.layers:
+        raise InputError("no layer of the DagNN network is one the reference can run")
+    return out
 
 
 def runnable_net(net, upto: str | None = None):

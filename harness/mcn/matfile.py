@@ -1,4 +1,4 @@
-"""MATLAB .mat I/O for simplenn networks and cnn_train checkpoints.
+"""MATLAB .mat I/O for simplenn and DagNN networks and cnn_train checkpoints.
 
 The public API: ``read_variables``, ``list_variables``, ``load_net``, ``load_checkpoint``,
 ``save_net``, and the conversion of the net struct to a ``Net``. MATLAB v5/v7 files are
@@ -25,8 +25,12 @@ are single or double arrays (integer ones float64, 1x1 ones (1, 1)); pre-beta
 ``filters``/``biases`` become ``weights``; an old cnn_train's per-layer ``momentum`` is
 dropped; a layer field holding a MATLAB object (function handle, gpuArray ...) other than
 ``type`` and ``weights`` is dropped, and so is a checkpoint's stale loss-layer ``class``,
-each with a line in ``net.notes``. A DagNN network (``dagnn.DagNN``) raises
-``DagNNNotSupported``.
+each with a line in ``net.notes``. A DagNN network (a ``dagnn.DagNN`` saveobj struct:
+vars, params, layers with inputs/outputs/block; v5 struct arrays or v7.3 HDF5 struct
+arrays) becomes a ``harness.mcn.dagnn.DagNet`` (``DagNet.from_struct`` says what it
+adapts); only a dagnn.DagNN saved as a MATLAB object (MCOS, unreadable) raises
+``DagNNNotSupported``, which ``require_simplenn`` also raises for the callers that do not
+handle DagNN networks yet.
 
 Files are untrusted: ``read_variables`` reads only the variables asked for (``load_net``:
 net, layers, meta), refuses nesting deeper than MAX_NESTING and declared sizes above
@@ -46,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.mcn.dagnn import DagNet
 from harness.mcn.mat_hdf5 import hdf5_variable_names, read_hdf5, write_hdf5
 from harness.mcn.mat_v5 import read_v5, v5_variable_names
 from harness.mcn.mat_values import MatlabObject, is_sparse, safe_label, unreadable
@@ -60,6 +65,7 @@ __all__ = [
     "load_checkpoint",
     "load_net",
     "read_variables",
+    "require_simplenn",
     "save_net",
 ]
 
@@ -74,7 +80,7 @@ class Checkpoint:
     """A cnn_train checkpoint: the net, ``state`` (``solverState`` per layer and
     parameter: arrays, dicts for the solvers, or 0 where never updated) and ``stats``."""
 
-    net: Net
+    net: Net | DagNet
     state: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
@@ -315,7 +321,9 @@ def _as_list(v: Any) -> list:
 
 
 class DagNNNotSupported(McnError):
-    """The file holds a MatConvNet DagNN network (``dagnn.DagNN``), not a simplenn one."""
+    """A MatConvNet DagNN network (``dagnn.DagNN``) where only simplenn is handled: a
+    dagnn.DagNN saved as a MATLAB object (unreadable), or a ``DagNet`` handed to a command
+    that does not support DagNN yet (``require_simplenn``)."""
 
 
 _DAGNN_LAYER_FIELDS = frozenset({"inputs", "outputs", "block"})
@@ -346,35 +354,31 @@ def _is_dagnn(s: Any) -> bool:
     )
 
 
-def _count(v: Any) -> int:
-    return len(v) if isinstance(v, list) else 1 if isinstance(v, dict) else 0
-
-
-def _names(layers: list, key: str) -> set[str]:
-    out: set[str] = set()
-    for layer in layers:
-        v = layer.get(key) if isinstance(layer, dict) else None
-        out.update(x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str))
-    return out
-
-
-def _dagnn_error(s: Any, path: str) -> DagNNNotSupported:
-    if isinstance(s, MatlabObject):
-        what = f"saved as a MATLAB {safe_label(s.matlab_class)} object"
-    else:
-        s = {"layers": s} if isinstance(s, list) else s
-        layers = s["layers"] if isinstance(s["layers"], list) else [s["layers"]]
-        # vars and params not read (fields at top level): every var is a layer's input or
-        # output, every param a layer's parameter
-        n_vars = (
-            _count(s["vars"]) if "vars" in s else len(_names(layers, "inputs") | _names(layers, "outputs"))
-        )
-        n_params = _count(s["params"]) if "params" in s else len(_names(layers, "params"))
-        what = f"{n_vars} vars, {n_params} params, {len(layers)} layers"
+def _dagnn_object_error(s: MatlabObject, path: str) -> DagNNNotSupported:
     return DagNNNotSupported(
-        f"{path}: this file holds a MatConvNet DagNN network (dagnn.DagNN: vars, params, layers; {what}); "
-        "mcn-harness reads simplenn networks only so far (DagNN support is planned)"
+        f"{path}: this file holds a MatConvNet DagNN network (dagnn.DagNN: vars, params, layers; "
+        f"saved as a MATLAB {safe_label(s.matlab_class)} object); mcn-harness reads simplenn networks "
+        "only so far (DagNN support is planned)"
     )
+
+
+def _dagnet(s: Any, source: str) -> DagNet:
+    if isinstance(s, list):  # a bare cell (or struct array) of DagNN layers
+        s = {"layers": s}
+    return DagNet.from_struct(s, source)
+
+
+def require_simplenn(net: Any, what: str) -> Net:
+    """``net`` if it is a simplenn ``Net``; a ``DagNet`` raises DagNNNotSupported (an
+    McnError, one line) saying that ``what`` (e.g. "mcn-harness port") does not support
+    DagNN networks yet."""
+    if isinstance(net, DagNet):
+        raise DagNNNotSupported(
+            f"{what} does not support DagNN networks yet (a MatConvNet DagNN network, dagnn.DagNN: "
+            f"{len(net.vars)} vars, {len(net.params)} params, {len(net.layers)} layers); it handles "
+            "simplenn networks only so far"
+        )
+    return net
 
 
 # --------------------------------------------------------------------------- finding the net
@@ -382,24 +386,29 @@ def _dagnn_error(s: Any, path: str) -> DagNNNotSupported:
 
 def _find_net(
     variables: dict[str, Any], path: str, checkpoint: bool | None = None
-) -> tuple[Net, dict[str, Any]]:
+) -> tuple[Net | DagNet, dict[str, Any]]:
     """The net of a file's variables. ``checkpoint``: whether the file is a cnn_train
     checkpoint (None: find out from the file's variable names, only if it matters)."""
     if "net" in variables:
-        if _is_dagnn(variables["net"]):
-            raise _dagnn_error(variables["net"], path)
-        net = _net_from_struct(variables["net"], f"{path}: variable 'net'")
+        s = variables["net"]
+        if isinstance(s, MatlabObject) and _is_dagnn(s):
+            raise _dagnn_object_error(s, path)
+        if _is_dagnn(s):
+            return _dagnet(s, f"{path}: variable 'net'"), variables
+        net = _net_from_struct(s, f"{path}: variable 'net'")
     elif "layers" in variables:
         if _is_dagnn(variables) or (
             isinstance(variables["layers"], list | dict) and {"vars", "params"} <= set(list_variables(path))
         ):
-            raise _dagnn_error(variables, path)
+            fields = {k: v for k, v in variables.items() if k in ("layers", "meta")}
+            fields |= read_variables(path, ("vars", "params"))
+            return _dagnet(fields, path), variables
         net = _net_from_struct(variables, path)
     else:
         names = ", ".join(sorted(list_variables(path))) or "none"
         raise McnError(
-            f"Expected {path} to hold a MatConvNet simplenn net (a 'net' variable or 'layers' at top level). "
-            f"Received variables: {names}"
+            f"Expected {path} to hold a MatConvNet simplenn or DagNN net (a 'net' variable or 'layers' at "
+            f"top level). Received variables: {names}"
         )
     _drop_stale_labels(net, path, checkpoint)
     return net, variables
@@ -413,7 +422,7 @@ def _drop_stale_labels(net: Net, path: str, checkpoint: bool | None) -> None:
     with the last batch's still there: in a checkpoint that field is stale (a net saved
     with ``class`` on purpose, as the golden files are, keeps it)."""
     for i, layer in enumerate(net.layers):
-        if layer.type not in _LOSS_TYPES or not layer.has("class_"):
+        if not isinstance(layer.type, str) or layer.type not in _LOSS_TYPES or not layer.has("class_"):
             continue
         if checkpoint is None:
             checkpoint = bool(_TRAINING_VARIABLES & set(list_variables(path)))
@@ -427,20 +436,24 @@ def _drop_stale_labels(net: Net, path: str, checkpoint: bool | None) -> None:
         )
 
 
-def load_net(path: str | os.PathLike) -> Net:
-    """Load a simplenn net from a .mat file (v5/v7 or v7.3): a ``net`` variable (a net
-    struct or a bare cell of layer structs), the struct's fields at top level, or a
-    cnn_train checkpoint of any era. The net is returned as stored, adapted as
+def load_net(path: str | os.PathLike) -> Net | DagNet:
+    """Load a net from a .mat file (v5/v7 or v7.3): a ``net`` variable (a net struct or a
+    bare cell of layer structs), the struct's fields at top level, or a cnn_train
+    checkpoint of any era. A simplenn net is returned as stored, adapted as
     ``_net_from_struct`` says (call ``vl_simplenn_tidy`` to fill MatConvNet's defaults);
     ``net.notes`` lists what was left out (MATLAB objects in layer fields, a checkpoint's
-    stale loss labels). A DagNN file raises ``DagNNNotSupported`` (an McnError)."""
+    stale loss labels). A DagNN net (a dagnn.DagNN saveobj struct) is returned as a
+    ``DagNet`` (``DagNet.from_struct``: as ``dagnn.DagNN.loadobj``); a dagnn.DagNN saved as
+    a MATLAB object raises ``DagNNNotSupported`` (an McnError). Callers that handle
+    simplenn only call ``require_simplenn``."""
     net, _ = _find_net(read_variables(path, NET_VARIABLES), str(path))
     return net
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a cnn_train checkpoint (``net-epoch-N.mat``): net, state (solverState) and
-    stats (older cnn_train versions saved them as ``info``)."""
+    """Load a cnn_train (or cnn_train_dag: the net is then a ``DagNet``) checkpoint
+    (``net-epoch-N.mat``): net, state (solverState) and stats (older cnn_train versions
+    saved them as ``info``)."""
     variables = read_variables(path, CHECKPOINT_VARIABLES)
     net, _ = _find_net(variables, str(path), checkpoint=bool(_TRAINING_VARIABLES & variables.keys()))
     state = variables.get("state", {})
@@ -468,16 +481,95 @@ def _cell(items: list) -> np.ndarray:
     return out
 
 
-def save_net(path: str | os.PathLike, net: Net, *, version: str = "7", variable: str | None = "net") -> None:
+_DAGNN_ARRAYS = ("vars", "params", "layers")
+
+
+def _to_mat(v: Any) -> Any:
+    """Lists as cells (object arrays) and None as ``[]``, inside dicts too, for scipy."""
+    if isinstance(v, list | tuple):
+        return _cell([_to_mat(x) for x in v])
+    if isinstance(v, dict):
+        return {k: _to_mat(x) for k, x in v.items()}
+    if v is None:
+        return np.zeros((0, 0))
+    return v
+
+
+def _struct_array(items: list[dict[str, Any]], keys: tuple[str, ...]) -> np.ndarray:
+    """A 1 x N MATLAB struct array for scipy (a 0 x 0 one with the same fields when empty)."""
+    out = np.empty((1, len(items)) if items else (0, 0), dtype=[(k, object) for k in keys])
+    for i, item in enumerate(items):
+        for k in keys:
+            out[0, i][k] = _to_mat(item[k])
+    return out
+
+
+_DAGNN_KEYS = {
+    "vars": ("name", "precious"),
+    "params": ("name", "value", "learningRate", "weightDecay"),
+    "layers": ("name", "type", "inputs", "outputs", "params", "block"),
+}
+
+
+def _dagnn_v5(net: DagNet) -> dict[str, Any]:
+    struct = net.to_struct()
+    out = {k: _struct_array(struct[k], _DAGNN_KEYS[k]) for k in _DAGNN_ARRAYS}
+    out["meta"] = _to_mat(struct["meta"])
+    return out
+
+
+def _hdf5_struct_arrays(path: Path, at: str, counts: dict[str, int]) -> None:
+    """Turn the cells of structs ``vars``/``params``/``layers`` under ``at`` into HDF5 struct
+    arrays (a struct group whose fields are classless datasets of references), as MATLAB
+    writes a struct array in v7.3 and as dagnn.DagNN.loadobj needs (``isstruct(s.layers)``)."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        parent = f[at]
+        for name in _DAGNN_ARRAYS:
+            keys = _DAGNN_KEYS[name]
+            if counts[name] == 0:
+                del parent[name]
+                ds = parent.create_dataset(name, data=np.array([0, 0], dtype=np.uint64))
+                ds.attrs["MATLAB_class"] = np.bytes_("struct")
+                ds.attrs["MATLAB_empty"] = np.uint8(1)
+                continue
+            structs = [f[r] for r in parent[name][()].ravel()]
+            del parent[name]
+            g = parent.create_group(name)
+            g.attrs["MATLAB_class"] = np.bytes_("struct")
+            names = np.empty(len(keys), dtype=object)
+            for n, k in enumerate(keys):
+                names[n] = np.array(list(k), dtype="S1")
+            g.attrs.create("MATLAB_fields", names, dtype=h5py.vlen_dtype(np.dtype("S1")))
+            for key in keys:
+                refs = np.array([[s[key].ref] for s in structs], dtype=h5py.ref_dtype)
+                g.create_dataset(key, data=refs)
+
+
+def save_net(
+    path: str | os.PathLike | Net | DagNet,
+    net: Net | DagNet | str | os.PathLike,
+    *,
+    version: str = "7",
+    variable: str | None = "net",
+) -> None:
     """Save ``net`` as a MATLAB .mat file loadable by MatConvNet (``load(path)`` gives
     ``net``, or the fields at top level with ``variable=None``). ``version`` "7" (scipy,
-    v5 format) or "7.3" (HDF5)."""
-    if not isinstance(net, Net):
-        raise McnError(f"Expected net to be a harness.mcn.Net. Received net={type(net).__name__}")
+    v5 format) or "7.3" (HDF5). A ``DagNet`` is written as ``saveobj`` writes it (struct
+    arrays ``vars``, ``params``, ``layers`` with ``block``, and ``meta``), loadable by
+    ``dagnn.DagNN.loadobj``. ``save_net(net, path)`` is accepted too."""
+    if isinstance(path, Net | DagNet) and not isinstance(net, Net | DagNet):
+        path, net = net, path
+    if not isinstance(net, Net | DagNet):
+        raise McnError(f"Expected net to be a harness.mcn.Net or DagNet. Received net={type(net).__name__}")
     if version not in ("7", "7.3"):
         raise McnError(f"Expected version '7' or '7.3'. Received version={version!r}")
     try:
-        struct = _net_to_struct(net)
+        if isinstance(net, DagNet):
+            struct = _dagnn_v5(net) if version == "7" else net.to_struct()
+        else:
+            struct = _net_to_struct(net)
         variables = {variable: struct} if variable else struct
         if version == "7":
             import scipy.io
@@ -485,6 +577,9 @@ def save_net(path: str | os.PathLike, net: Net, *, version: str = "7", variable:
             scipy.io.savemat(str(path), variables, do_compression=True, oned_as="row")
         else:
             write_hdf5(Path(path), variables)
+            if isinstance(net, DagNet):
+                counts = {k: len(struct[k]) for k in _DAGNN_ARRAYS}
+                _hdf5_struct_arrays(Path(path), variable or "/", counts)
     except McnError:
         raise
     except (TypeError, ValueError, IndexError, OverflowError) as err:  # a value MATLAB cannot hold

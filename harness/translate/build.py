@@ -60,8 +60,10 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None) -> keras.Mode
     """
     import keras
 
+    from harness.mcn.matfile import require_simplenn
     from harness.translate import layers as L
 
+    require_simplenn(net, "to_keras")
     if dtype not in ("float64", "float32"):
         raise TranslationError(f"Expected dtype 'float64' or 'float32'. Received dtype={dtype!r}")
     net = vl_simplenn_tidy(net)

@@ -245,12 +245,14 @@ def write_port(
     ``net.meta['inputSize']``, as in ``to_keras``. Existing files are never replaced
     unless ``overwrite``: ``FileExistsError`` names them, before anything is written.
     A net ``to_keras`` cannot translate raises its ``TranslationError``."""
-    from harness.mcn.matfile import load_net, save_net
+    from harness.mcn.matfile import load_net, require_simplenn, save_net
     from harness.mcn.simplenn import vl_simplenn_tidy
 
     if not isinstance(net, Net):
+        if hasattr(net, "layers"):  # a DagNet: one clear line
+            require_simplenn(net, "write_port")
         mcn_path = net if mcn_path is None else mcn_path
-        net = load_net(net)
+        net = require_simplenn(load_net(net), "write_port")
     if mcn_path is not None:
         mcn_path = Path(mcn_path).resolve()
         if not mcn_path.is_file():

@@ -179,3 +179,31 @@ def test_a_stride_the_next_pooling_undoes_is_unobservable_and_called_equivalent(
     buggy, _ = bug.plant(net, to_keras(net), 1)
     assert buggy.get_layer("pool1").output.shape[1] == 2  # the bug is planted
     assert harness.compare(net, buggy, x, labels).ok
+
+
+def test_an_all_zero_output_is_looked_for_only_in_its_own_keras_layers():
+    """A 1x1 conv whose stride samples only its padding outputs zeros; so does the next
+    one. With the padding sides swapped in Keras' first conv, the zeros of the second conv
+    must not pass for the first conv's output: the divergence is the first conv's."""
+    from harness.mcn import Layer, Net
+    from harness.testing.bugs import CATALOGUE
+
+    rng = np.random.default_rng(4)
+    strided = {"pad": [1, 1, 1, 0], "stride": [3, 3], "dilate": [2, 1]}
+    net = Net(
+        [
+            Layer("conv", "conv1", [rng.standard_normal((1, 1, 2, 5)), np.zeros((0, 0))], **strided),
+            Layer("bnorm", "bnorm1", [np.ones((5, 1)), np.zeros((5, 1)), np.ones((5, 2))]),
+            Layer("conv", "conv2", [rng.standard_normal((1, 1, 5, 5)), np.zeros((0, 0))], **strided),
+            Layer("bnorm", "bnorm2", [np.ones((5, 1)), np.zeros((5, 1)), np.ones((5, 2))]),
+            Layer("conv", "classifier", [rng.standard_normal((1, 1, 5, 2)), np.zeros((1, 2))]),
+            Layer("softmaxloss", "loss"),
+        ],
+        meta={"inputSize": [4, 1, 2]},
+    )
+    x, labels = rng.standard_normal((4, 1, 2, 3)), np.array([[2.0, 2.0, 1.0]])
+    model = to_keras(net)
+    assert harness.compare(net, model, x, labels).ok
+    buggy, planted = CATALOGUE["wrong_padding_side"].plant(net, model, 0)
+    report = harness.compare(net, buggy, x, labels)
+    assert not report.ok and report.first_divergence["culprit"] == planted == "conv1", str(report)

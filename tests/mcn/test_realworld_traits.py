@@ -1,7 +1,7 @@
 """load_net on what real MatConvNet files hold (v5 and v7.3): a bare layer cell saved as
 ``net``, cnn_train checkpoints of every era (per-layer momentum, ``info``, pre-beta
 filters/biases), integer and logical fields, 1x1 biases, MATLAB objects in layer fields,
-a checkpoint's stale loss labels, and DagNN files, which are refused with one clear line.
+a checkpoint's stale loss labels, and DagNN files, which load as a DagNet with one clear line.
 
 Every file is built here, small, with the trait it tests (scipy.io.savemat, the byte-level
 v5 helpers of test_matfile_safety, or h5py for v7.3 struct arrays and objects).
@@ -19,8 +19,9 @@ import pytest
 import scipy.io
 
 from harness.mcn import McnError, Net, load_checkpoint, load_net, save_net, vl_simplenn, vl_simplenn_tidy
+from harness.mcn.dagnn import DagNet
 from harness.mcn.mat_hdf5 import write_hdf5
-from harness.mcn.matfile import DagNNNotSupported
+from harness.mcn.matfile import DagNNNotSupported, require_simplenn
 from harness.mcn.net import LAYER_TYPES, Layer
 
 from .test_matfile_safety import cell, double, el, matrix, struct_, text, v5, v5_net
@@ -491,7 +492,7 @@ DAGNN_MESSAGE = (
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("where", ["net-variable", "top-level"])
-def test_dagnn_file_is_refused_with_one_clear_line(tmp_path, version, where):
+def test_dagnn_file_loads_as_a_dagnet(tmp_path, version, where):
     dag = dagnn_struct()
     path = tmp_path / "dag.mat"
     if version == "7":
@@ -502,11 +503,15 @@ def test_dagnn_file_is_refused_with_one_clear_line(tmp_path, version, where):
         _struct_arrays_v73(path, "net" if where == "net-variable" else "/")
         with h5py.File(path, "r") as f:  # really struct arrays
             assert isinstance(f["net/layers" if where == "net-variable" else "layers"], h5py.Group)
-    for load in (load_net, load_checkpoint):
-        with pytest.raises(DagNNNotSupported) as e:
-            load(path)
-        assert isinstance(e.value, McnError)
-        assert str(e.value) == DAGNN_MESSAGE.format(path=path, what="3 vars, 2 params, 2 layers")
+    for net in (load_net(path), load_checkpoint(path).net):
+        assert isinstance(net, DagNet)
+        assert (len(net.vars), len(net.params), len(net.layers)) == (3, 2, 2)
+        assert [l.type for l in net.layers] == ["dagnn.Conv", "dagnn.ReLU"]
+        net.eval({"data": X[:, :, :1]})
+        assert net.var("prediction").value.shape == (4, 4, 3, 2)
+        with pytest.raises(DagNNNotSupported, match="does not support DagNN networks yet") as e:
+            require_simplenn(net, "this command")
+        assert isinstance(e.value, McnError) and "simplenn networks only" in str(e.value)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

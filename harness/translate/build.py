@@ -56,14 +56,21 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None) -> keras.Mode
     """Build a Keras model exactly equivalent to ``net`` (weights loaded).
 
     The model's output is the input of the net's final loss layer (the class scores);
-    a net without a loss layer maps to its last layer's output.
+    a net without a loss layer maps to its last layer's output. A DagNN network
+    (``harness.mcn.DagNet``) is translated by ``dag_build.to_keras_dag`` (``input_size``
+    then sizes its one image input).
     """
     import keras
 
-    from harness.mcn.matfile import require_simplenn
+    from harness.mcn.dagnn import DagNet
     from harness.translate import layers as L
 
-    require_simplenn(net, "to_keras")
+    if isinstance(net, DagNet):
+        from harness.translate.dag_build import dag_inputs, to_keras_dag
+
+        names = dag_inputs(net)
+        sizes = None if input_size is None or len(names) != 1 else {names[0]: tuple(input_size)}
+        return to_keras_dag(net, dtype, input_sizes=sizes)
     if dtype not in ("float64", "float32"):
         raise TranslationError(f"Expected dtype 'float64' or 'float32'. Received dtype={dtype!r}")
     net = vl_simplenn_tidy(net)
@@ -176,6 +183,14 @@ def to_keras(net: Net, dtype: str = "float64", *, input_size=None) -> keras.Mode
                 x = L.GroupedConv2DTranspose(
                     f.shape[2], f.shape[:2], up, groups, use_bias=not is_empty(b), name=name, **kw
                 )(x)
+            # Keras gives H*s + max(FH - s, 0) rows, MatConvNet (H-1)*s + FH: with filters
+            # smaller than the upsampling, Keras' extra rows and columns are cropped too
+            crop = [
+                crop[0],
+                crop[1] + max(up[0] - f.shape[0], 0),
+                crop[2],
+                crop[3] + max(up[1] - f.shape[1], 0),
+            ]
             if any(crop):
                 x = keras.layers.Cropping2D(
                     ((crop[0], crop[1]), (crop[2], crop[3])), name=f"{name}_crop", **kw

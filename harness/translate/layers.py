@@ -168,8 +168,8 @@ class GroupedConv2DTranspose(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         n, h, w, _ = input_shape
 
-        def out(size, k, s):
-            return None if size is None else (size - 1) * s + k
+        def out(size, k, s):  # what ops.conv_transpose 'valid' gives: size*s + max(k - s, 0)
+            return None if size is None else size * s + max(k - s, 0)
 
         return (
             n,
@@ -274,3 +274,107 @@ CUSTOM_OBJECTS = {
         GroupedConv2DTranspose,
     )
 }
+
+
+# --------------------------------------------------------------------------- DagNN blocks
+
+
+def _static_min(a, b):
+    """``min(a, b)`` for Python ints, ``ops.minimum`` once either is a (dynamic) tensor."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return ops.minimum(a, b)
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class MatConvNetCrop(keras.layers.Layer):
+    """dagnn.Crop: ``call([x, ref])`` crops ``x`` to the spatial size ``(H2, W2)`` of
+    ``ref`` with MatConvNet's split, ``top = min(crop[0], H1 - H2)`` rows off the top and
+    the rest off the bottom, ``left = min(crop[1], W1 - W2)`` columns off the left and the
+    rest off the right. Sizes are read when the layer runs (fully convolutional models
+    with ``None`` spatial dimensions); ``ref`` gives only its size, so it gets no
+    derivative, as in MatConvNet."""
+
+    def __init__(self, crop=(0, 0), **kwargs):
+        super().__init__(**kwargs)
+        self.crop = tuple(int(c) for c in crop)
+
+    def call(self, inputs):
+        x, ref = inputs
+        h1, w1 = x.shape[1], x.shape[2]
+        h2, w2 = ref.shape[1], ref.shape[2]
+        if None in (h1, w1, h2, w2):
+            sx, sr = ops.shape(x), ops.shape(ref)
+            h1, w1, h2, w2 = sx[1], sx[2], sr[1], sr[2]
+        top = _static_min(self.crop[0], h1 - h2)
+        left = _static_min(self.crop[1], w1 - w2)
+        return x[:, top : top + h2, left : left + w2, :]
+
+    def compute_output_shape(self, input_shape):
+        xs, rs = input_shape
+        return (xs[0], rs[1], rs[2], xs[3])
+
+    def get_config(self):
+        return {**super().get_config(), "crop": self.crop}
+
+
+def _broadcast_shape(a, b):
+    """NumPy broadcasting of two static shapes of equal rank (``None`` unknown)."""
+    out = []
+    for p, q in zip(a, b, strict=True):
+        out.append(q if p == 1 else p if q == 1 else p if p is not None else q)
+    return tuple(out)
+
+
+@keras.saving.register_keras_serializable(package="mcn_harness")
+class MatConvNetScale(keras.layers.Layer):
+    """dagnn.Scale: ``y = x * scale (+ bias)`` with MATLAB's broadcasting (the same in
+    Keras' ``N x H x W x C`` as in MatConvNet's ``H x W x C x N``).
+
+    ``scale`` and ``bias`` are weights of ``scale_shape``/``bias_shape`` (Keras layout:
+    a MatConvNet param of size ``H x W x C x N`` held as ``(N, H, W, C)``, 1 where it
+    broadcasts), or, when their shape is None, further inputs: ``call([x, scale, bias])``
+    as dagnn.Scale's ``[inputs, params]``. ``use_bias`` False: no bias at all."""
+
+    def __init__(self, scale_shape=None, bias_shape=None, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.scale_shape = None if scale_shape is None else tuple(int(s) for s in scale_shape)
+        self.bias_shape = None if bias_shape is None else tuple(int(s) for s in bias_shape)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        if self.scale_shape is not None:
+            self.scale = self.add_weight(shape=self.scale_shape, initializer="ones", name="scale")
+        if self.use_bias and self.bias_shape is not None:
+            self.bias = self.add_weight(shape=self.bias_shape, initializer="zeros", name="bias")
+
+    def _operands(self, inputs):
+        items = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+        x, rest = items[0], items[1:]
+        scale = self.scale if self.scale_shape is not None else rest.pop(0)
+        bias = None
+        if self.use_bias:
+            bias = self.bias if self.bias_shape is not None else rest.pop(0)
+        return x, scale, bias
+
+    def call(self, inputs):
+        x, scale, bias = self._operands(inputs)
+        y = x * ops.cast(scale, x.dtype)
+        return y if bias is None else y + ops.cast(bias, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        shapes = list(input_shape) if isinstance(input_shape[0], list | tuple) else [input_shape]
+        shape, rest = tuple(shapes[0]), shapes[1:]
+        for own in (self.scale_shape, self.bias_shape if self.use_bias else ()):
+            if own == ():
+                continue
+            other = own if own is not None else tuple(rest.pop(0))
+            shape = _broadcast_shape(shape, other)
+        return shape
+
+    def get_config(self):
+        return _with_arguments(super().get_config(), self, "scale_shape", "bias_shape", "use_bias")
+
+
+CUSTOM_OBJECTS.update({cls.__name__: cls for cls in (MatConvNetCrop, MatConvNetScale)})
+__all__ += ["MatConvNetCrop", "MatConvNetScale"]

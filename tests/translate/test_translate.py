@@ -155,6 +155,30 @@ def test_convt_translation_is_equivalent(groups, mode):
     assert sum(r.tensor.startswith("dzdw") for r in report.rows) == 6
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_convt_with_filters_smaller_than_the_upsampling(groups):
+    """MatConvNet's transposed convolution gives (H-1)*s + FH rows; Keras' gives H*s rows
+    when FH < s: the translation crops the extra ones (a 4x4 map upsampled by 2 through a
+    1x1 filter is 7x7, not 8x8)."""
+    from harness.mcn.net import Layer, Net
+
+    rng = np.random.RandomState(3)
+    layers = [
+        Layer(
+            "convt", "up1", [rng.randn(1, 1, 2, 4), rng.randn(1, 2 * groups)], upsample=2, num_groups=groups
+        ),
+        Layer("conv", "fc", [rng.randn(7, 7, 2 * groups, 3), rng.randn(1, 3)]),
+        Layer("softmaxloss", "loss"),
+    ]
+    net = vl_simplenn_tidy(Net(layers, {"inputSize": np.array([[4.0, 4.0, 4.0]])}))
+    x = rng.randn(4, 4, 4, 2)
+    assert vl_simplenn(net, x, None, [[1, 3]])[1].x.shape[:2] == (7, 7)
+    model = to_keras(net)
+    assert model.get_layer("up1_crop").output.shape[1:3] == (7, 7)
+    report = harness.compare(net, model, x, [[1, 3]])
+    assert report.ok, str(report)
+
+
 @pytest.mark.parametrize("dialect", ["master", "beta25"])
 def test_keras_loss_matches_the_reference_loss_in_float64(dialect):
     from harness.translate import keras_loss

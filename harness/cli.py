@@ -254,7 +254,27 @@ def _cmd_reference(args) -> int:
             f"{i + 1:>3}  {safe_text(layer.name):<12.12} {safe_text(layer.type):<12.12} {shape:<20} "
             f"{float(np.max(np.abs(y), initial=0.0)):>10.3g} {dmax}"
         )
+    if images is not None and labels is not None and len(res) >= 2:
+        print(_top1(res[-2].x, labels, "the net's scores entering its loss"))
     return 0
+
+
+def _top1(scores, labels, what: str) -> str:
+    """The top-1 error of ``scores`` (H x W x K x N; the class with the largest score at
+    each position) against 1-based ``labels`` (0: ignored)."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s.reshape(s.shape + (1,) * (4 - s.ndim))
+    lab = np.asarray(labels, dtype=np.float64)
+    lab = np.broadcast_to(
+        lab.reshape(1, 1, -1) if lab.size == s.shape[3] else lab[..., 0, :],
+        (s.shape[0], s.shape[1], s.shape[3]),
+    )
+    predicted = np.argmax(s, axis=2) + 1
+    known = lab > 0
+    wrong = int(np.sum((predicted != lab) & known))
+    total = int(np.sum(known))
+    rate = 100.0 * wrong / max(total, 1)
+    return f"top-1 error on the batch: {rate:.2f}% ({wrong} of {total} labelled positions; {what})"
 
 
 def _cmd_port(args) -> int:
@@ -282,8 +302,8 @@ def _reference_dag(net, args) -> int:
     forward and backward (derivative 1 at each loss, ones at the other outputs)."""
     from harness.mcn.geometry import DEFAULT_SPATIAL
 
-    if args.upto or args.images:
-        raise InputError("--upto and --images apply to simplenn networks only so far")
+    if args.upto:
+        raise InputError("--upto applies to simplenn networks only so far")
     rng = np.random.RandomState(args.seed)
     dtype = np.float64 if args.dtype == "float64" else np.float32
     losses = [l for l in net.layers if l.type == "dagnn.Loss"]
@@ -301,12 +321,16 @@ def _reference_dag(net, args) -> int:
                 break
         h, w, c = args.input_size if args.input_size else (DEFAULT_SPATIAL, DEFAULT_SPATIAL, depth)
         inputs[name] = rng.randn(h, w, c, args.batch).astype(dtype)
+    given = None
+    if args.images:
+        given = _dag_images(net, inputs, label_vars, args)
+        inputs.update({k: v.astype(dtype) if k not in label_vars else v for k, v in given.items()})
     net.eval(inputs, mode="test")  # the loss inputs' sizes, for the labels
     der_outputs = {}
     for layer in losses:
         scores = np.asarray(net.var(layer.inputs[0]).value)
         scores = scores.reshape(scores.shape + (1,) * (4 - scores.ndim))
-        if len(layer.inputs) > 1:
+        if len(layer.inputs) > 1 and layer.inputs[1] not in inputs:
             labels = rng.randint(1, scores.shape[2] + 1, size=(*scores.shape[:2], 1, scores.shape[3]))
             inputs[layer.inputs[1]] = labels.astype(np.float64)
         der_outputs[layer.outputs[0]] = 1.0
@@ -320,6 +344,10 @@ def _reference_dag(net, args) -> int:
     )
     for note in net.notes:
         print(f"note: {safe_text(note)}")
+    for layer in losses if given is not None else []:
+        if len(layer.inputs) > 1 and layer.inputs[1] in given:
+            scores = net.var(layer.inputs[0]).value
+            print(_top1(scores, given[layer.inputs[1]], f"'{layer.inputs[0]}' entering loss '{layer.name}'"))
     shown = ", ".join(f"{k} {' x '.join(map(str, np.shape(v)[:3]))}" for k, v in inputs.items())
     print(f"inputs: {safe_text(shown)}")
     head = f"{'#':>3}  {'layer':<16} {'type':<18} {'output':<14} {'(H x W x C)':<16}"
@@ -335,6 +363,36 @@ def _reference_dag(net, args) -> int:
             f"{safe_text(var.name):<14.14} {shape:<16} {float(np.max(np.abs(y), initial=0.0)):>10.3g} {d}"
         )
     return 0
+
+
+def _dag_images(net, inputs: dict, label_vars: set, args) -> dict:
+    """``--images`` for a DagNN network: an imdb's images (test set first) into its one
+    image input, the imdb's labels into the label input of its Loss layers."""
+    from harness.io.images import load_probe_images
+
+    if len(inputs) != 1:
+        raise InputError(f"--images: the network has {len(inputs)} image inputs; --images fills one")
+    ((name, x),) = inputs.items()
+    hwc = tuple(int(d) for d in np.shape(x)[:3])
+    if str(args.images).lower().endswith(".mat") and not args.input_size:
+        from harness.io.imdb import load_imdb
+
+        hwc = tuple(int(d) for d in load_imdb(args.images, finite=False).images.shape[:3])
+        inputs[name] = np.zeros((*hwc, 1))
+    got = load_probe_images(
+        args.images,
+        hwc,
+        args.batch,
+        normalization=net.meta.get("normalization") if isinstance(net.meta, dict) else None,
+        classes=10**9 if label_vars else None,  # checked against the scores below
+        seed=args.seed,
+    )
+    net.notes = [*net.notes, *got.notes]
+    out = {name: got.x}
+    for var in label_vars:
+        if got.labels is not None:
+            out[var] = got.labels
+    return out
 
 
 def _cmd_train_parity(args) -> int:

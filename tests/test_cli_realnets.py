@@ -90,3 +90,27 @@ def test_a_dagnn_file_runs_in_reference_and_is_one_line_elsewhere(tmp_path):
         out = run(*command, "--mcn", str(path))
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "does not support DagNN networks yet" in out.stderr and "simplenn networks only" in out.stderr
+
+
+def test_reference_with_images_gives_the_top1_error_and_fills_a_dagnn_input(tmp_path):
+    from tests.mcn.test_realworld_traits import _struct_array_v5, dagnn_struct
+
+    rng = np.random.RandomState(2)
+    imdb = tmp_path / "imdb.mat"
+    labels = np.array([[1, 2, 2, 1]], float)
+    scipy.io.savemat(
+        imdb, {"images": {"data": rng.rand(28, 28, 1, 4), "labels": labels, "set": [[3, 3, 3, 3]]}}
+    )
+    seed = run("reference", "--images", str(imdb))
+    assert seed.returncode == 0, seed.stderr
+    assert "probe batch: 4 test images of imdb.mat" in seed.stdout
+    assert "top-1 error on the batch: " in seed.stdout and "of 4 labelled positions" in seed.stdout
+    dag = tmp_path / "dag.mat"
+    scipy.io.savemat(dag, {"net": {k: _struct_array_v5(v) for k, v in dagnn_struct().items()}})
+    small = tmp_path / "small.mat"
+    scipy.io.savemat(
+        small, {"images": {"data": rng.rand(6, 5, 1, 3), "labels": [[1, 1, 1]], "set": [[1, 3, 3]]}}
+    )
+    out = run("reference", "--mcn", str(dag), "--images", str(small), "--batch", "2")
+    assert out.returncode == 0, out.stderr
+    assert "inputs: data 6 x 5 x 1" in out.stdout and "prediction     4 x 3 x 3" in out.stdout

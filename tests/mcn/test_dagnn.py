@@ -34,8 +34,6 @@ Tolerances (normwise: ``max|got - want| / scale``, scale = ``max|want|``):
 
 from __future__ import annotations
 
-import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +53,12 @@ from harness.mcn import (
     vl_simplenn_tidy,
 )
 from harness.mcn.dagnn import DagLayer, DagNet, Param, Var
-from harness.mcn.matfile import DagNNNotSupported, read_variables, require_simplenn
+from harness.mcn.matfile import DagNNNotSupported, require_simplenn
 from harness.mcn.net import Layer, python_field
 
+from ..golden_dagnn import case as _case
+from ..golden_dagnn import manifest as _manifest
+from ..golden_dagnn import net as _net
 from ..gradcheck import numeric_grad
 
 GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden_dagnn"
@@ -65,48 +66,6 @@ TOL = {"single": 2e-5, "double": 1e-10}
 
 
 # --------------------------------------------------------------------------- golden cases
-
-
-@cache
-def _manifest() -> list[dict]:
-    return json.loads((GOLDEN / "MANIFEST.json").read_text())["cases"]
-
-
-def _restore(value: Any, shape: Any) -> Any:
-    """Give ``value`` its recorded 4-D shape (MATLAB drops trailing singletons); cells recurse."""
-    if isinstance(value, list) and isinstance(shape, list):
-        return [_restore(v, s) for v, s in zip(value, shape, strict=False)]
-    if isinstance(value, dict) and isinstance(shape, dict):
-        return {k: _restore(v, shape.get(k)) for k, v in value.items()}
-    if isinstance(shape, np.ndarray) and shape.size == 4 and np.size(value) == int(np.prod(shape)):
-        return np.asarray(value).reshape(tuple(int(s) for s in shape.ravel()))
-    return value
-
-
-@cache
-def _case(name: str) -> dict[str, Any]:
-    v = read_variables(GOLDEN / f"{name}.mat")
-    shapes = v.get("shapes", {})
-    for key in ("inputs", "outputs", "derOutputs", "opts"):
-        if key in v:
-            v[key] = _restore(v[key], shapes.get(key))
-    return v
-
-
-def _net(case: dict[str, Any]) -> DagNet:
-    if "simplenn_net" in case:
-        return DagNet.from_simplenn(_simplenn(case))
-    return DagNet.from_struct(case["net"], case["name"])
-
-
-def _simplenn(case: dict[str, Any]) -> Net:
-    """The case's simplenn_net as a Net (every weight is stored in these cases)."""
-    layers = []
-    for raw in case["simplenn_net"]["layers"]:
-        fields = {k: v for k, v in raw.items() if k not in ("type", "name", "weights")}
-        weights = [np.asarray(w) for w in raw.get("weights", [])]
-        layers.append(Layer(raw["type"], raw["name"], weights, **fields))
-    return Net(layers, dict(case["simplenn_net"].get("meta", {})))
 
 
 def _eval_args(case: dict[str, Any]) -> tuple[dict, dict]:

@@ -24,9 +24,6 @@ reads), so one pass seeding every output would not be that derivative.
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -36,8 +33,6 @@ import tensorflow as tf
 
 from harness.mcn import seed_net
 from harness.mcn.dagnn import DagLayer, DagNet, Param
-from harness.mcn.matfile import read_variables
-from harness.mcn.net import Layer, Net
 from harness.translate import TranslationError, to_hwcn, to_keras, to_nhwc
 from harness.translate.dag_build import (
     dag_inputs,
@@ -49,7 +44,10 @@ from harness.translate.dag_build import (
 )
 from harness.translate.layers import CUSTOM_OBJECTS, MatConvNetCrop, MatConvNetScale
 
-GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden_dagnn"
+from ..golden_dagnn import case as _case
+from ..golden_dagnn import manifest as _manifest
+from ..golden_dagnn import net as _golden_net
+
 TOL = 1e-10
 GOLDEN_TOL = 2e-5
 
@@ -696,43 +694,6 @@ def test_custom_layers_serialise(tmp_path):
 
 
 # --------------------------------------------------------------------------- golden cases
-
-
-@cache
-def _manifest() -> list[dict]:
-    return json.loads((GOLDEN / "MANIFEST.json").read_text())["cases"]
-
-
-def _restore(value: Any, shape: Any) -> Any:
-    if isinstance(value, list) and isinstance(shape, list):
-        return [_restore(v, s) for v, s in zip(value, shape, strict=False)]
-    if isinstance(value, dict) and isinstance(shape, dict):
-        return {k: _restore(v, shape.get(k)) for k, v in value.items()}
-    if isinstance(shape, np.ndarray) and shape.size == 4 and np.size(value) == int(np.prod(shape)):
-        return np.asarray(value).reshape(tuple(int(s) for s in shape.ravel()))
-    return value
-
-
-@cache
-def _case(name: str) -> dict[str, Any]:
-    v = read_variables(GOLDEN / f"{name}.mat")
-    shapes = v.get("shapes", {})
-    for key in ("inputs", "outputs", "derOutputs", "opts"):
-        if key in v:
-            v[key] = _restore(v[key], shapes.get(key))
-    return v
-
-
-def _golden_net(case: dict[str, Any]) -> DagNet:
-    if "simplenn_net" in case:
-        layers = []
-        for raw in case["simplenn_net"]["layers"]:
-            fields = {k: v for k, v in raw.items() if k not in ("type", "name", "weights")}
-            layers.append(
-                Layer(raw["type"], raw["name"], [np.asarray(w) for w in raw.get("weights", [])], **fields)
-            )
-        return DagNet.from_simplenn(Net(layers, dict(case["simplenn_net"].get("meta", {}))))
-    return DagNet.from_struct(case["net"], case["name"])
 
 
 GOLDEN_CASES = [c["name"] for c in _manifest() if c["family"] == "dagnn"]

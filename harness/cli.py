@@ -93,11 +93,17 @@ def _silence_native_stderr() -> None:
     sys.stderr = os.fdopen(real, "w", buffering=1)
 
 
-def _load(args) -> tuple[Net, object]:
+def _load(args, dagnn: bool = False) -> tuple[Net, object]:
+    from harness.mcn.dagnn import DagNet
+
     base = Path.cwd()
-    net = load_mcn_spec(args.mcn, "--mcn", base, upto=getattr(args, "upto", None))
+    net = load_mcn_spec(args.mcn, "--mcn", base, upto=getattr(args, "upto", None), dagnn=dagnn)
+    if isinstance(net, DagNet) and (getattr(args, "upto", None) or getattr(args, "images", None)):
+        raise InputError("--upto and --images apply to simplenn networks only in check so far")
     factory = keras_model_factory(args.keras, "--keras", base)
     model = build_model(factory, "--keras", args.keras)
+    if isinstance(net, DagNet):
+        return net, model
     hwc, source = resolve_input_size(net, model, args.input_size)
     if source == "net.meta.inputSize":
         want = hwc
@@ -153,6 +159,7 @@ def _check_one(net: Net, model, args, out) -> int:
         mode=args.mode,
         weights=args.weights,
         upto=getattr(args, "upto", None),
+        input_size=args.input_size,
         **_run_options(args),
     )
     # everything is computed and rendered before anything is printed or written: a
@@ -173,7 +180,7 @@ def _check_one(net: Net, model, args, out) -> int:
 
 
 def _cmd_check(args) -> int:
-    net, model = _load(args)
+    net, model = _load(args, dagnn=True)
     return _check_one(net, model, args, sys.stdout)
 
 
@@ -278,12 +285,18 @@ def _top1(scores, labels, what: str) -> str:
 
 
 def _cmd_port(args) -> int:
-    from harness.translate.port import write_port
+    from harness.mcn.dagnn import DagNet
+    from harness.translate.port import write_dag_port, write_port
 
-    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd())
-    net = with_input_size(net, *resolve_input_size(net, None, args.input_size))
+    net = load_mcn_spec(args.mcn, "--mcn", Path.cwd(), dagnn=True)
     mcn_path = None if args.mcn == "seed" else os.path.abspath(args.mcn)
-    result = write_port(net, args.out, mcn_path=mcn_path, overwrite=args.overwrite)
+    if isinstance(net, DagNet):
+        result = write_dag_port(
+            net, args.out, mcn_path=mcn_path, input_size=args.input_size, overwrite=args.overwrite
+        )
+    else:
+        net = with_input_size(net, *resolve_input_size(net, None, args.input_size))
+        result = write_port(net, args.out, mcn_path=mcn_path, overwrite=args.overwrite)
     for note in [*net.notes, *result.notes]:
         print(f"note: {safe_text(note)}")
     for path in result.written:

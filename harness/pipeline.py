@@ -111,9 +111,14 @@ def check(
     from harness.equivalence.align import align
     from harness.equivalence.run import compare
     from harness.io.specs import InputError, probe_batch, resolve_input_size, runnable_net, with_input_size
+    from harness.mcn.dagnn import DagNet
     from harness.mcn.matfile import require_simplenn
     from harness.mcn.simplenn import vl_simplenn_tidy
 
+    if isinstance(net, DagNet):
+        if upto is not None:
+            raise InputError("upto applies to simplenn networks only so far")
+        return _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_size)
     require_simplenn(net, "check")
     net, cut = runnable_net(net, upto)
     net = vl_simplenn_tidy(net)
@@ -180,3 +185,67 @@ def model_upto(net: Net, model: keras.Model, mapping: dict[str, list[str]] | Non
     if any(output is o for o in model.outputs):
         return model
     return keras.Model(inputs, output, name=f"{model.name}_upto_{name}")
+
+
+def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_size) -> CheckResult:
+    """``check`` of a DagNN network (``equivalence.dag_run.compare_dag``): a probe batch of
+    ``batch`` random images (the model's input size, else ``input_size``, else 32 x 32 and
+    the depth of the filters reading the input) and random labels for its Loss layers.
+    Static findings and cause probes are simplenn-only so far."""
+    import numpy as np
+
+    from harness.equivalence.dag_run import compare_dag
+    from harness.io.specs import InputError
+    from harness.mcn.geometry import DEFAULT_SPATIAL
+    from harness.translate.dag_build import dag_inputs
+
+    names = dag_inputs(net)
+    losses = [l for l in net.layers if l.type == "dagnn.Loss" and len(l.inputs) > 1]
+    label_vars = list(dict.fromkeys(l.inputs[1] for l in losses))
+    rng = np.random.RandomState(seed)
+    if x is None:
+        shapes = [tuple(t.shape[1:]) for t in (getattr(model, "inputs", None) or [])]
+        inputs = {}
+        for k, name in enumerate(names):
+            shape = shapes[k] if k < len(shapes) else (None, None, None)
+            if None in shape:
+                depth = shape[2] if len(shape) == 3 and shape[2] is not None else _dag_depth(net, name)
+                shape = (
+                    tuple(input_size) if input_size is not None else (DEFAULT_SPATIAL, DEFAULT_SPATIAL, depth)
+                )
+            inputs[name] = rng.randn(*(int(d) for d in shape), batch)
+    elif isinstance(x, dict):
+        inputs = dict(x)
+    elif len(names) == 1:
+        inputs = {names[0]: np.asarray(x, dtype=np.float64)}
+    else:
+        raise InputError(f"Expected x as a dict of the network's inputs {names}. Received one array")
+    if label_vars and not all(v in inputs for v in label_vars):
+        if labels is not None and len(label_vars) == 1:
+            inputs[label_vars[0]] = np.asarray(labels, dtype=np.float64)
+        else:
+            probe = net.copy()
+            probe.eval({k: v for k, v in inputs.items() if k in names}, mode="test")
+            for layer in losses:
+                if layer.inputs[1] in inputs:
+                    continue
+                s = np.asarray(probe.var(layer.inputs[0]).value)
+                s = s.reshape(s.shape + (1,) * (4 - s.ndim))
+                inputs[layer.inputs[1]] = rng.randint(
+                    1, s.shape[2] + 1, size=(*s.shape[:2], 1, s.shape[3])
+                ).astype(np.float64)
+    report = compare_dag(net, model, inputs, dtype=dtype, mode=mode, weights=weights, seed=seed)
+    report.notes = [*net.notes, *report.notes]
+    return CheckResult(report, [], [])
+
+
+def _dag_depth(net, name: str) -> int:
+    """The depth of the filters that first read input var ``name`` (1 without any)."""
+    import numpy as np
+
+    for layer in net.layers:
+        if name in layer.inputs and layer.type in ("dagnn.Conv", "dagnn.ConvTranspose") and layer.params:
+            f = np.asarray(net.param(layer.params[0]).value)
+            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+            return int(f.shape[2] if layer.type == "dagnn.Conv" else f.shape[3])
+    return 1

@@ -77,7 +77,7 @@ def test_check_with_the_users_imdb_and_upto(tmp_path):
     assert question.returncode == 0, question.stdout + question.stderr
 
 
-def test_a_dagnn_file_runs_in_reference_and_is_one_line_elsewhere(tmp_path):
+def test_a_dagnn_file_runs_in_reference_port_and_check_and_is_one_line_elsewhere(tmp_path):
     from tests.mcn.test_realworld_traits import _struct_array_v5, dagnn_struct
 
     path = tmp_path / "dag.mat"
@@ -86,10 +86,29 @@ def test_a_dagnn_file_runs_in_reference_and_is_one_line_elsewhere(tmp_path):
     assert ref.returncode == 0, ref.stderr
     assert "MatConvNet reference (DagNN): 2 layers, 3 vars, 2 params, batch 2" in ref.stdout
     assert "relu1            dagnn.ReLU         prediction     4 x 3 x 3" in ref.stdout
-    for command in (["check", "--keras", "seed-fixed"], ["port", "--out", str(tmp_path / "port")]):
+    for command in (["diagnose", "--keras", "seed-fixed"], ["train-parity", "--keras", "seed-fixed"]):
         out = run(*command, "--mcn", str(path))
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "does not support DagNN networks yet" in out.stderr and "simplenn networks only" in out.stderr
+    # port, then check its model.keras var by var, then run the generated test
+    port = tmp_path / "port"
+    made = run("port", "--mcn", str(path), "--out", str(port))
+    assert made.returncode == 0, made.stderr
+    assert "model.py (standalone source) is written for simplenn networks only" in made.stdout
+    checked = run("check", "--mcn", str(path), "--keras", str(port / "model.keras"), "--batch", "2")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "EQUIVALENT" in checked.stdout and "prediction" in checked.stdout
+    import subprocess
+    import sys
+
+    guard = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(port / "test_port.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert guard.returncode == 0, guard.stdout[-2000:]
 
 
 def test_reference_with_images_gives_the_top1_error_and_fills_a_dagnn_input(tmp_path):

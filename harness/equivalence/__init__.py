@@ -6,8 +6,19 @@ the error model (``tolerance``), blame the first divergence (``blame``) and repo
 (``report``); ``run.compare`` chains them."""
 
 from harness.equivalence.align import Alignment, Pair, align
+from harness.equivalence.dag_run import compare_dag
 from harness.equivalence.report import Report, Row
 from harness.equivalence.run import compare
 from harness.equivalence.tolerance import Tolerance, tolerance_for
 
-__all__ = ["Alignment", "Pair", "Report", "Row", "Tolerance", "align", "compare", "tolerance_for"]
+__all__ = [
+    "Alignment",
+    "Pair",
+    "Report",
+    "Row",
+    "Tolerance",
+    "align",
+    "compare",
+    "compare_dag",
+    "tolerance_for",
+]

@@ -93,6 +93,7 @@ __all__ = [
     "dag_outputs",
     "dag_params_from_keras",
     "dag_weights_to_keras",
+    "scale_weights",
     "to_keras_dag",
 ]
 
@@ -626,7 +627,7 @@ def _scale_operands(layer: DagLayer) -> dict[int, str]:
     return {len(layer.inputs) + j: p for j, p in enumerate(layer.params) if len(layer.inputs) + j in wanted}
 
 
-def _scale_weights(layer: DagLayer) -> list[str]:
+def scale_weights(layer: DagLayer) -> list[str]:
     """The params a MatConvNetScale layer holds as weights, in its weight order."""
     return [p for _, p in sorted(_scale_operands(layer).items())]
 
@@ -717,7 +718,7 @@ def _keras_values(net: DagNet, layer: DagLayer, klayer) -> list[np.ndarray]:
         eps = _number(layer.block.get("epsilon"), 1e-5)
         return bnorm_to_keras(Layer("bnorm", layer.name, weights, epsilon=eps), klayer)
     if layer.type == "dagnn.Scale":
-        return [to_nhwc(as_4d(net.param(p).value, dtype=np.float64)) for p in _scale_weights(layer)]
+        return [to_nhwc(as_4d(net.param(p).value, dtype=np.float64)) for p in scale_weights(layer)]
     values = [conv_to_keras(_required(net, layer, 0, "filters"))]
     bias = _conv_bias(net, layer)
     if bias is not None:
@@ -763,7 +764,7 @@ def dag_params_from_keras(net: DagNet, model: keras.Model) -> DagNet:
                 p.value = _like(v, p.value)
             continue
         if layer.type == "dagnn.Scale":
-            held = [out.param(p) for p in _scale_weights(layer)]
+            held = [out.param(p) for p in scale_weights(layer)]
             for p, v in zip(held, values, strict=True):
                 p.value = _like(to_hwcn(v), p.value)
             continue

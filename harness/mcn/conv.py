@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from harness.mcn.geometry import conv_output_size, convt_output_size, empty_filters_error
-from harness.mcn.kernels.conv_gemm import ConvGeometry, conv_backward, conv_forward, pad_zeros, unpad
+from harness.mcn.kernels.conv_gemm import ConvGeometry, conv_backward, conv_forward
 from harness.mcn.options import (
     McnError,
     as_4d,
@@ -80,12 +80,11 @@ def vl_nnconv(
     g = ConvGeometry(fh, fw, fc, k, pad_, stride_, dilate_, c // fc, ho, wo)
     bvec = _bias(b, k, dt, "one per filter")
 
-    xp = pad_zeros(x, pad_)
     if dzdy is None:
-        return conv_forward(xp, f, g, bvec)
+        return conv_forward(x, f, g, bvec)
     dzdy = _dzdy(dzdy, (ho, wo, k, n), dt)
-    dxp, dzdf = conv_backward(xp, dzdy, f, g, xp.shape[:2], data=True)
-    return unpad(dxp, pad_), dzdf, _dzdb(dzdy, b, bvec)
+    dzdx, dzdf = conv_backward(x, dzdy, f, g, (h, w), data=True)
+    return dzdx, dzdf, _dzdb(dzdy, b, bvec)
 
 
 def _subsample(
@@ -169,17 +168,15 @@ def vl_nnconvt(
     # upsample, padding crop, implicit groups G, filters of depth K.
     fh, fw, k, _ = f.shape
     g = ConvGeometry(fh, fw, k, d, crop_, up, (1, 1), groups, h, w)
-    padded_hw = (hy + ct + cb, wy + cl + cr)
 
     if dzdy is None:
-        y = unpad(conv_backward(None, x, f, g, padded_hw, data=True)[0], crop_)
+        y = conv_backward(None, x, f, g, (hy, wy), data=True)[0]
         if bvec is not None:
             y += bvec.reshape(-1, 1)
         return y
     dzdy = _dzdy(dzdy, (hy, wy, ky, n), dt)
-    dyp = pad_zeros(dzdy, crop_)
-    dzdx = conv_forward(dyp, f, g, None)
-    dzdf = conv_backward(dyp, x, f, g, padded_hw, data=False)[1]
+    dzdx = conv_forward(dzdy, f, g, None)
+    dzdf = conv_backward(dzdy, x, f, g, (hy, wy), data=False)[1]
     return dzdx, dzdf, _dzdb(dzdy, b, bvec)
 
 

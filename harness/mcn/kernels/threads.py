@@ -1,18 +1,39 @@
 """The worker threads shared by the kernels: numpy and BLAS release the GIL in their
-loops, so a few threads running numpy on disjoint parts of an array use the cores."""
+loops, so a few threads running numpy on disjoint parts of an array use the cores.
+
+Two ways to share work: ``parallel_map`` runs one item per thread (pooling's parts), and
+``run_tasks`` lets ``cpu_cores()`` threads (the caller among them) take numbered tasks one
+after the other, so that a core slowed by another process simply takes fewer of them.
+``blas_single_threaded`` makes the BLAS run each product on the calling thread, for
+kernels whose threads each call the BLAS on their own part: OpenBLAS's own threads wait
+for one another at every call, which costs little on a quiet machine and a lot on a
+busy one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["PARALLEL_MIN", "cpu_cores", "parallel_map"]
+__all__ = [
+    "PARALLEL_MIN",
+    "blas_libraries",
+    "blas_single_threaded",
+    "blas_threads_controllable",
+    "cpu_cores",
+    "parallel_map",
+    "run_tasks",
+]
 
 # Below this many elements the ops run on the calling thread only.
 PARALLEL_MIN = 1 << 16
 _executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (owning process id, workers, executor)
+_executor_lock = threading.Lock()
 
 
 def cpu_cores() -> int:
@@ -23,15 +44,122 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The shared executor, with at least ``workers`` threads."""
+    global _executor
+    with _executor_lock:
+        # A forked child inherits the executor object but not its threads: make a new one.
+        if _executor is None or _executor[0] != os.getpid() or _executor[1] < workers:
+            _executor = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="mcn-pool"))
+        return _executor[2]
+
+
 def parallel_map(fn: Callable[[Any], None], items: list[Any]) -> None:
     """``fn`` over ``items`` on a pool of one thread per item (numpy releases the GIL in its loops)."""
-    global _executor
     if len(items) < 2:
         for item in items:
             fn(item)
         return
-    # A forked child inherits the executor object but not its threads: make a new one.
-    if _executor is None or _executor[0] != os.getpid() or _executor[1] < len(items):
-        _executor = (os.getpid(), len(items), ThreadPoolExecutor(len(items), thread_name_prefix="mcn-pool"))
-    for _ in _executor[2].map(fn, items):
+    for _ in _pool(len(items)).map(fn, items):
         pass
+
+
+def run_tasks(fn: Callable[[int, int], None], tasks: int, workers: int | None = None) -> None:
+    """``fn(task, worker)`` for every task in ``range(tasks)``, on ``workers`` threads (all the
+    cores by default; the calling thread is worker 0): each thread takes the next task as
+    soon as it is done with one. ``worker`` (below ``workers``) indexes per-thread scratch.
+
+    Which thread runs a task varies from run to run: a task must write only its own part
+    of the results, so that they do not depend on it. The first exception is raised once
+    every running task has finished; the remaining tasks are skipped.
+    """
+    workers = max(1, min(workers or cpu_cores(), tasks))
+    if workers == 1:
+        for task in range(tasks):
+            fn(task, 0)
+        return
+    counter = itertools.count()
+    failed = threading.Event()
+
+    def loop(worker: int) -> None:
+        for task in iter(counter.__next__, None):  # next() on a count is atomic under the GIL
+            if task >= tasks or failed.is_set():
+                return
+            try:
+                fn(task, worker)
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [_pool(workers - 1).submit(loop, w) for w in range(1, workers)]
+    error: BaseException | None = None
+    try:
+        loop(0)
+    except BaseException as exc:
+        error = exc
+    for future in futures:
+        # A helper that never started (its threads busy elsewhere, e.g. when called from a
+        # pool thread) is cancelled: the caller has run its share of the tasks already.
+        if future.cancel():
+            continue
+        exc = future.exception()
+        if error is None and exc is not None:
+            error = exc
+    if error is not None:
+        raise error
+
+
+_blas_lock = threading.Lock()
+_blas_state: dict[str, Any] = {"controllers": None, "depth": 0, "saved": []}
+
+
+def _blas_controllers() -> list[Any]:
+    """threadpoolctl's handles on the BLAS libraries loaded in this process (an empty list
+    without threadpoolctl); looked up once, after scipy's BLAS is loaded."""
+    if _blas_state["controllers"] is None:
+        try:
+            import scipy.linalg.blas  # noqa: F401  (load scipy's BLAS before looking)
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            _blas_state["controllers"] = []
+        else:
+            found = ThreadpoolController().lib_controllers
+            _blas_state["controllers"] = [c for c in found if c.user_api == "blas"]
+    return _blas_state["controllers"]
+
+
+def blas_libraries() -> list[Any]:
+    """threadpoolctl's controllers of the BLAS libraries loaded in this process (with their
+    file, ``dynlib`` handle and symbol names); empty without threadpoolctl."""
+    return list(_blas_controllers())
+
+
+def blas_threads_controllable() -> bool:
+    """Whether ``blas_single_threaded`` can act (threadpoolctl found the BLAS)."""
+    return bool(_blas_controllers())
+
+
+@contextlib.contextmanager
+def blas_single_threaded() -> Iterator[bool]:
+    """Within the block, BLAS products run on the thread that calls them (nested blocks and
+    concurrent callers share one setting; the outermost restores the thread counts).
+    Yields whether the BLAS could be told so: without it, callers should not call the BLAS
+    from several threads at once."""
+    controllers = _blas_controllers()
+    if not controllers:
+        yield False
+        return
+    with _blas_lock:
+        if _blas_state["depth"] == 0:
+            _blas_state["saved"] = [c.num_threads for c in controllers]
+            for c in controllers:
+                c.set_num_threads(1)
+        _blas_state["depth"] += 1
+    try:
+        yield True
+    finally:
+        with _blas_lock:
+            _blas_state["depth"] -= 1
+            if _blas_state["depth"] == 0:
+                for c, n in zip(controllers, _blas_state["saved"], strict=True):
+                    c.set_num_threads(n)

@@ -7,6 +7,11 @@ on the same weights and batch, in this process):
     dncnn    17 convolutions 3x3 over 64 channels, pad 1, ReLUs; 64x64x1, batch 8
     vgg      3x3 convolutions in three pooled stages, a fully connected head; 64x64x3, batch 16
     alexnet  11x11 stride 4, LRN, filter groups, pooling, fully connected head; 127x127x3, batch 16
+    resnet   a DagNN: a stem and five residual blocks (conv-BatchNorm-ReLU-conv-BatchNorm, Sum
+             with the block's input or a strided 1x1 projection, ReLU) over 32 and 64
+             channels, global average pooling, a classifier and softmaxlog; 32x32x3, batch 16;
+             the reference is DagNet.eval, TensorFlow the same graph in stock layers with
+             BatchNormalization(training=True) (batch moments, as mode "normal")
 
 Runs alternate between the two sides (the baseline is a compiled tf.function with a
 GradientTape); the ratio is the median reference time over the median TensorFlow time
@@ -36,6 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_reference import blas_report  # noqa: E402
 
 from harness.mcn import Layer, Net, seed_net, vl_simplenn, vl_simplenn_tidy  # noqa: E402
+from harness.mcn.dagnn import DagLayer, DagNet, Param  # noqa: E402
+from harness.mcn.kernels import threads  # noqa: E402
 
 
 def _conv(rng, name, h, w, c, k, **kw):
@@ -99,7 +106,77 @@ def seed() -> tuple[Net, tuple, int]:
     return net, (28, 28, 1), 256
 
 
-CASES = {"seed": seed, "dncnn": dncnn, "vgg": vgg, "alexnet": alexnet}
+def resnet() -> tuple[DagNet, tuple, int]:
+    rng = np.random.default_rng(3)
+    layers, params = [], []
+
+    def conv(name, src, h, c, k, *, stride=1, pad=None):
+        f = (rng.standard_normal((h, h, c, k)) * np.sqrt(2.0 / (h * h * c))).astype(np.float32)
+        params.extend([Param(f"{name}f", f), Param(f"{name}b", np.zeros((k, 1), np.float32))])
+        block = {"pad": h // 2 if pad is None else pad, "stride": stride}
+        layers.append(DagLayer(name, "dagnn.Conv", [src], [name], [f"{name}f", f"{name}b"], block))
+        return name
+
+    def bnorm(name, src, k):
+        g, b = np.ones((k, 1), np.float32), np.zeros((k, 1), np.float32)
+        m = np.stack([np.zeros(k), np.ones(k)], axis=1).astype(np.float32)
+        params.extend([Param(f"{name}g", g), Param(f"{name}b", b), Param(f"{name}m", m)])
+        layers.append(DagLayer(name, "dagnn.BatchNorm", [src], [name], [f"{name}g", f"{name}b", f"{name}m"]))
+        return name
+
+    def relu(name, src):
+        layers.append(DagLayer(name, "dagnn.ReLU", [src], [name], []))
+        return name
+
+    x = relu("stem_relu", bnorm("stem_bn", conv("stem", "input", 3, 3, 32), 32))
+    c = 32
+    for i, (k, stride) in enumerate([(32, 1), (32, 1), (64, 2), (64, 1), (64, 1)], start=1):
+        a = relu(f"b{i}_relu1", bnorm(f"b{i}_bn1", conv(f"b{i}_conv1", x, 3, c, k, stride=stride), k))
+        a = bnorm(f"b{i}_bn2", conv(f"b{i}_conv2", a, 3, k, k), k)
+        skip = x if (k, stride) == (c, 1) else conv(f"b{i}_proj", x, 1, c, k, stride=stride)
+        layers.append(DagLayer(f"b{i}_sum", "dagnn.Sum", [a, skip], [f"b{i}_sum"], []))
+        x, c = relu(f"b{i}_relu2", f"b{i}_sum"), k
+    layers.append(DagLayer("pool", "dagnn.Pooling", [x], ["pool"], [], {"method": "avg", "pool_size": 16}))
+    conv("prediction", "pool", 1, c, 10)
+    layers.append(
+        DagLayer("loss", "dagnn.Loss", ["prediction", "label"], ["objective"], [], {"loss": "softmaxlog"})
+    )
+    return DagNet(layers, params=params), (32, 32, 3), 16
+
+
+CASES = {"seed": seed, "dncnn": dncnn, "vgg": vgg, "alexnet": alexnet, "resnet": resnet}
+
+
+def keras_dag_model(net: DagNet, hwc: tuple):
+    """The DagNN net in stock Keras layers (float32): ZeroPadding2D + Conv2D,
+    BatchNormalization (epsilon 1e-5), ReLU, Add, AveragePooling2D; the scores."""
+    import keras
+
+    tensors = {"input": keras.Input(hwc, dtype="float32")}
+    for layer in net.layers:
+        src = [tensors.get(name) for name in layer.inputs]
+        if layer.type == "dagnn.Conv":
+            f = np.asarray(net.param(layer.params[0]).value)
+            f = f.reshape(f.shape + (1,) * (4 - f.ndim))
+            pad, stride = (int(np.ravel(layer.block.get(key, 0))[0]) for key in ("pad", "stride"))
+            y = keras.layers.ZeroPadding2D(pad)(src[0]) if pad else src[0]
+            conv = keras.layers.Conv2D(f.shape[3], f.shape[:2], strides=stride)
+            y = conv(y)
+            conv.set_weights([f, np.asarray(net.param(layer.params[1]).value).ravel()])
+        elif layer.type == "dagnn.BatchNorm":
+            bn = keras.layers.BatchNormalization(epsilon=1e-5)
+            y = bn(src[0], training=True)
+        elif layer.type == "dagnn.ReLU":
+            y = keras.layers.ReLU()(src[0])
+        elif layer.type == "dagnn.Sum":
+            y = keras.layers.Add()(src)
+        elif layer.type == "dagnn.Pooling":
+            p = int(np.ravel(layer.block["pool_size"])[0])
+            y = keras.layers.AveragePooling2D(p, p)(src[0])
+        else:
+            continue  # the loss: computed on the scores by the baseline
+        tensors[layer.outputs[0]] = y
+    return keras.Model(tensors["input"], tensors["prediction"])
 
 
 def keras_model(net: Net, hwc: tuple):
@@ -141,17 +218,21 @@ def run_case(name: str, repeats: int) -> dict:
     import tensorflow as tf
 
     net, hwc, batch = CASES[name]()
-    net = vl_simplenn_tidy(net)
+    dag = isinstance(net, DagNet)
+    net = net if dag else vl_simplenn_tidy(net)
     rng = np.random.RandomState(0)
     x = rng.randn(*hwc, batch).astype(np.float32)
-    has_loss = net.layers[-1].type == "softmaxloss"
-    model = keras_model(net, hwc)
+    has_loss = dag or net.layers[-1].type == "softmaxloss"
+    model = keras_dag_model(net, hwc) if dag else keras_model(net, hwc)
     classes = model.output_shape[-1]
     labels = rng.randint(1, classes + 1, size=(1, batch)).astype(float) if has_loss else None
     out_shape = tuple(model.output_shape[1:])
     dzdy = 1.0 if has_loss else np.ones((*out_shape, batch), np.float32)
 
     def reference():
+        if dag:
+            net.eval({"input": x, "label": labels}, {"objective": 1.0})
+            return net.params[0].der
         return vl_simplenn(net, x, dzdy, labels)
 
     xk = tf.constant(x.transpose(3, 0, 1, 2))
@@ -206,6 +287,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
+    kept = threads.keep_freed_memory()  # as the mcn-harness command does
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:
@@ -227,6 +309,7 @@ def main() -> None:
     print("environment:")
     for line in blas_report():
         print(line)
+    print(f"  malloc keeps freed memory (as mcn-harness does): {kept}")
     print(f"  load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}")
 
 

@@ -78,10 +78,10 @@ def test_check_with_the_users_imdb_and_upto(tmp_path):
 
 
 def test_a_dagnn_file_runs_in_reference_port_and_check_and_is_one_line_elsewhere(tmp_path):
-    from tests.mcn.test_realworld_traits import _struct_array_v5, dagnn_struct
+    from tests.mcn.test_dagnn_files import dagnn_struct, struct_array_v5
 
     path = tmp_path / "dag.mat"
-    scipy.io.savemat(path, {"net": {k: _struct_array_v5(v) for k, v in dagnn_struct().items()}})
+    scipy.io.savemat(path, {"net": {k: struct_array_v5(v) for k, v in dagnn_struct().items()}})
     ref = run("reference", "--mcn", str(path), "--batch", "2", "--input-size", "6", "5", "1")
     assert ref.returncode == 0, ref.stderr
     assert "MatConvNet reference (DagNN): 2 layers, 3 vars, 2 params, batch 2" in ref.stdout
@@ -112,7 +112,7 @@ def test_a_dagnn_file_runs_in_reference_port_and_check_and_is_one_line_elsewhere
 
 
 def test_reference_with_images_gives_the_top1_error_and_fills_a_dagnn_input(tmp_path):
-    from tests.mcn.test_realworld_traits import _struct_array_v5, dagnn_struct
+    from tests.mcn.test_dagnn_files import dagnn_struct, struct_array_v5
 
     rng = np.random.RandomState(2)
     imdb = tmp_path / "imdb.mat"
@@ -125,7 +125,7 @@ def test_reference_with_images_gives_the_top1_error_and_fills_a_dagnn_input(tmp_
     assert "probe batch: 4 test images of imdb.mat" in seed.stdout
     assert "top-1 error on the batch: " in seed.stdout and "of 4 labelled positions" in seed.stdout
     dag = tmp_path / "dag.mat"
-    scipy.io.savemat(dag, {"net": {k: _struct_array_v5(v) for k, v in dagnn_struct().items()}})
+    scipy.io.savemat(dag, {"net": {k: struct_array_v5(v) for k, v in dagnn_struct().items()}})
     small = tmp_path / "small.mat"
     scipy.io.savemat(
         small, {"images": {"data": rng.rand(6, 5, 1, 3), "labels": [[1, 1, 1]], "set": [[1, 3, 3]]}}

@@ -23,18 +23,24 @@ def _per_channel(a: np.ndarray) -> np.ndarray:
     return a.reshape(1, 1, -1, 1)
 
 
-def _channel_rows(a: np.ndarray) -> np.ndarray:
-    """H x W x C x N as C x (N*W*H): each channel's values in MatConvNet's memory order."""
-    return a.transpose(2, 3, 1, 0).reshape(a.shape[2], -1)
+def _channel_columns(a: np.ndarray) -> np.ndarray:
+    """H x W x C x N as a C-contiguous (N*W*H) x C array: each channel's values down its
+    column in MatConvNet's memory order (H fastest, then W, then N)."""
+    return np.ascontiguousarray(a.transpose(3, 1, 0, 2)).reshape(-1, a.shape[2])
 
 
-def _sequential_sum(rows: np.ndarray) -> np.ndarray:
-    """Per-channel sums added one element at a time in rows' dtype, like nnbnorm's C++ loop.
+def _sequential_sum(columns: np.ndarray) -> np.ndarray:
+    """Per-channel sums added one element at a time in columns' dtype, like nnbnorm's C++ loop.
 
-    ``np.add.accumulate`` is sequential by definition (``np.sum`` is pairwise, and
-    ``np.add.reduce`` down a non-contiguous axis is not reliably sequential).
+    ``np.add.reduce`` down axis 0 of a C-contiguous M x C array adds row after row, its inner
+    loop running across the channels: each channel's sum is sequential (and the channels are
+    added side by side, at memory speed). With one channel the array is a single contiguous
+    run, which numpy sums pairwise, so ``np.add.accumulate`` (sequential by definition) is
+    used there. tests/mcn/test_bnorm.py checks both against the one-at-a-time definition.
     """
-    return np.add.accumulate(rows, axis=1, dtype=rows.dtype)[:, -1]
+    if columns.shape[1] < 2:
+        return np.add.accumulate(columns, axis=0, dtype=columns.dtype)[-1]
+    return np.add.reduce(np.ascontiguousarray(columns), axis=0, dtype=columns.dtype)
 
 
 def _vector(value: Any, name: str, depth: int, dt: np.dtype) -> np.ndarray:
@@ -131,25 +137,33 @@ def vl_nnbnorm(
 
     if is_empty(dzdy):
         if not given:
-            xr = _channel_rows(x)
-            s1, s2 = _sequential_sum(xr), _sequential_sum(xr * xr)
+            xc = _channel_columns(x)
+            s1, s2 = _sequential_sum(xc), _sequential_sum(xc * xc)
             mu = s1 / mass
             sigma = np.sqrt(np.maximum(dt.type(0), s2 / mass - mu * mu) + eps)
-        y = _per_channel(g / sigma) * (x - _per_channel(mu)) + _per_channel(b)
+        # (g / sigma) * (x - mu) + b, in place: the same roundings without temporaries
+        y = x - _per_channel(mu)
+        y *= _per_channel(g / sigma)
+        y += _per_channel(b)
         return (y, np.stack([mu, sigma], axis=1)) if return_moments else y
 
     dzdy = as_4d(np.asarray(dzdy), "dzdy")
     if dzdy.shape != x.shape:
         raise McnError(f"Expected dzdy to have the shape of x {x.shape}. Received dzdy.shape={dzdy.shape}")
     dzdy = dzdy.astype(dt, copy=False)
-    xr, dr = _channel_rows(x), _channel_rows(dzdy)
-    dzdg, dzdb = _sequential_sum(dr * xr), _sequential_sum(dr)
+    xc, dc = _channel_columns(x), _channel_columns(dzdy)
+    dzdg, dzdb = _sequential_sum(dc * xc), _sequential_sum(dc)
     if not given:
-        s1, s2 = _sequential_sum(xr), _sequential_sum(xr * xr)
+        s1, s2 = _sequential_sum(xc), _sequential_sum(xc * xc)
         mu = s1 / mass
         sigma = np.sqrt(np.maximum(dt.type(0), s2 / mass - mu * mu) + eps)
     dzdg = (dzdg - mu * dzdb) / sigma
     g1 = g / sigma
     g2 = g1 * dzdg / (mass * sigma)
-    dzdx = _per_channel(g1) * (dzdy - _per_channel(dzdb / mass)) - _per_channel(g2) * (x - _per_channel(mu))
+    # g1 * (dzdy - dzdb / M) - g2 * (x - mu), in place: the same roundings without temporaries
+    centred = x - _per_channel(mu)
+    centred *= _per_channel(g2)
+    dzdx = dzdy - _per_channel(dzdb / mass)
+    dzdx *= _per_channel(g1)
+    dzdx -= centred
     return dzdx, dzdg.reshape(depth, 1), dzdb.reshape(depth, 1), np.stack([mu, sigma], axis=1)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from harness.mcn.geometry import conv_output_size, convt_output_size, empty_filters_error
-from harness.mcn.kernels.conv_gemm import ConvGeometry, conv_backward, conv_forward
+from harness.mcn.kernels.conv_gemm import ConvGeometry, bias_sums, conv_backward, conv_forward
 from harness.mcn.options import (
     McnError,
     as_4d,
@@ -217,6 +217,5 @@ def _dzdb(dzdy: np.ndarray, b: Any, bvec: np.ndarray | None) -> np.ndarray:
     """Bias derivative: dzdy summed over pixels and images, in the shape b was given."""
     if bvec is None:
         return _empty(dzdy.dtype)
-    # Images first: a pairwise sum along the contiguous axis, then pixels in float64.
-    per_pixel = dzdy.sum(axis=3)
-    return per_pixel.sum(axis=(0, 1), dtype=np.float64).astype(dzdy.dtype).reshape(np.shape(b))
+    # Summed in float64 (harness.mcn.kernels.conv_gemm.bias_sums picks the faster order).
+    return bias_sums(dzdy).astype(dzdy.dtype).reshape(np.shape(b))

@@ -33,68 +33,27 @@ LRN, DropOut, Sum, Concat, Crop, Scale, Loss (every vl_nnloss type), PDist, Norm
 SpatialNorm (harness.mcn.dagnn_blocks). Any other type (a custom layer) loads and is kept,
 and ``eval`` raises McnError naming it when it reaches it: ``net.remove_layer(name)`` cuts
 it off (with the vars and params only it used).
+
+The records (``Var``, ``Param``, ``DagLayer``) and dagSort are in harness.mcn.dagnn_graph;
+saveobj/loadobj structs and fromSimpleNN in harness.mcn.dagnn_convert.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from harness.mcn import dagnn_blocks as blocks
-from harness.mcn.net import Layer, Net, layer_errors, matlab_field, python_field
+from harness.mcn.dagnn_graph import DagLayer, Param, Var, add_ders, dag_sort, names_list, shown
+from harness.mcn.net import Net, layer_errors, matlab_field, python_field
 from harness.mcn.options import McnError, check_budget, is_empty
 
 __all__ = ["DagLayer", "DagNet", "MODES", "Param", "Var"]
 
 MODES = ("normal", "test")
-
-
-@dataclass(eq=False)
-class Var:
-    """One variable of the graph; ``value``/``der`` None where MATLAB holds ``[]``."""
-
-    name: str
-    value: Any = None
-    der: Any = None
-    precious: bool = False
-    fanin: int = field(default=0, repr=False)
-    fanout: int = field(default=0, repr=False)
-
-
-@dataclass(eq=False)
-class Param:
-    """One parameter; ``train_method`` is ``"gradient"`` or ``"average"`` (BatchNorm moments)."""
-
-    name: str
-    value: Any
-    der: Any = None
-    learning_rate: float = 1.0
-    weight_decay: float = 1.0
-    train_method: str = "gradient"
-    fanout: int = field(default=0, repr=False)
-
-
-@dataclass(eq=False)
-class DagLayer:
-    """One layer: ``block`` holds the block's properties (snake_case keys), ``state`` its
-    transient properties (not saved), ``matlab_names`` the MATLAB spelling of block keys
-    that snake_case cannot restore (custom blocks)."""
-
-    name: str
-    type: str
-    inputs: list[str]
-    outputs: list[str]
-    params: list[str]
-    block: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict, repr=False)
-    matlab_names: dict[str, str] = field(default_factory=dict, repr=False)
-    input_indexes: list[int] = field(default_factory=list, repr=False)
-    output_indexes: list[int] = field(default_factory=list, repr=False)
-    param_indexes: list[int] = field(default_factory=list, repr=False)
 
 
 def _mode(mode: str) -> str:
@@ -104,34 +63,6 @@ def _mode(mode: str) -> str:
     if m not in MODES:
         raise McnError(f"Expected mode to be one of {MODES}. Received mode={mode!r}")
     return m
-
-
-def _names_list(value: Any, where: str) -> list[str]:
-    """A cell of names (or one char name) as a list of str."""
-    if isinstance(value, str):
-        return [value] if value else []
-    if value is None or (isinstance(value, np.ndarray) and value.size == 0):
-        return []
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        value = list(value.ravel(order="F"))
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise McnError(f"{where}: Expected a cell of names. Received {type(value).__name__}")
-    return list(value)
-
-
-def _shown(names: list[str], limit: int = 12) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _add(a: Any, b: Any) -> Any:
-    """``a + b`` as MATLAB adds two derivatives (trailing singleton dimensions implied)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.ndim != b.ndim and a.ndim and b.ndim:
-        nd = max(a.ndim, b.ndim)
-        a = a.reshape(a.shape + (1,) * (nd - a.ndim))
-        b = b.reshape(b.shape + (1,) * (nd - b.ndim))
-    return a + b
 
 
 class DagNet:
@@ -182,7 +113,7 @@ class DagNet:
         for v in vars or []:
             self.var(v.name).precious = bool(v.precious)
         if layers:
-            self._note_unsupported()
+            self.note_unsupported()
 
     # ------------------------------------------------------------------ structure
 
@@ -207,7 +138,7 @@ class DagNet:
             raise McnError(f"layer '{name}': Expected type to be a class name. Received {type!r}")
         where = f"layer '{name}' ({type})"
         ins, outs, pars = (
-            _names_list(v, f"{where}.{k}")
+            names_list(v, f"{where}.{k}")
             for k, v in (("inputs", inputs), ("outputs", outputs), ("params", params))
         )
         raw = dict(block or {})
@@ -296,14 +227,14 @@ class DagNet:
     def var_index(self, name: str) -> int:
         if name not in self._var_index:
             raise McnError(
-                f"No variable of name {name!r} in the network. Vars: {_shown([v.name for v in self.vars])}"
+                f"No variable of name {name!r} in the network. Vars: {shown([v.name for v in self.vars])}"
             )
         return self._var_index[name]
 
     def param_index(self, name: str) -> int:
         if name not in self._param_index:
             raise McnError(
-                f"No param of name {name!r} in the network. Params: {_shown([p.name for p in self.params])}"
+                f"No param of name {name!r} in the network. Params: {shown([p.name for p in self.params])}"
             )
         return self._param_index[name]
 
@@ -312,7 +243,7 @@ class DagNet:
             if layer.name == name:
                 return i
         raise McnError(
-            f"No layer of name {name!r} in the network. Layers: {_shown([l.name for l in self.layers])}"
+            f"No layer of name {name!r} in the network. Layers: {shown([l.name for l in self.layers])}"
         )
 
     def get_inputs(self) -> list[str]:
@@ -327,42 +258,10 @@ class DagNet:
         """``getLayerExecutionOrder`` (0-based layer indexes): rebuild.m's ``dagSort``, a
         depth-first numbering from the outputs, sorted by decreasing depth (stable)."""
         if self._order is None:
-            self._order = self._dag_sort()
+            self._order, cyclic = dag_sort(self.layers, len(self.vars))
+            if cyclic and "the network graph contains a cycle" not in self.notes:
+                self.notes.append("the network graph contains a cycle")
         return list(self._order)
-
-    def _dag_sort(self) -> list[int]:
-        hops: list[list[int]] = [[] for _ in self.vars]
-        for l, layer in enumerate(self.layers):
-            for v in layer.input_indexes:
-                hops[v].append(l)
-        order = [0] * len(self.layers)
-
-        def visit(layer: int):  # dagSort, as a generator so that deep nets need no recursion
-            if order[layer] > 0:
-                return
-            order[layer] = -1  # open
-            n = 0
-            for o in self.layers[layer].output_indexes:
-                for child in hops[o]:
-                    if order[child] == -1:
-                        return  # a cycle: the layer stays open, as in MatConvNet
-                    if order[child] == 0:
-                        yield child
-                    n = max(n, order[child])
-            order[layer] = n + 1
-
-        for l in range(len(self.layers)):
-            if order[l] != 0:
-                continue
-            stack = [visit(l)]
-            while stack:
-                try:
-                    stack.append(visit(next(stack[-1])))
-                except StopIteration:
-                    stack.pop()
-        if any(o == -1 for o in order) and "the network graph contains a cycle" not in self.notes:
-            self.notes.append("the network graph contains a cycle")
-        return [int(i) for i in np.argsort(-np.asarray(order), kind="stable")]
 
     # ------------------------------------------------------------------ evaluation
 
@@ -398,7 +297,7 @@ class DagNet:
             if name not in self._var_index:
                 raise McnError(
                     f"No variable of name {name!r} could be found in the DAG. "
-                    f"Vars: {_shown([v.name for v in self.vars])}"
+                    f"Vars: {shown([v.name for v in self.vars])}"
                 )
         for name, value in pairs:
             self.vars[self._var_index[name]].value = np.asarray(value) if isinstance(value, list) else value
@@ -458,17 +357,17 @@ class DagNet:
                 if pending_var[v] == 0 or is_empty(var.der):
                     var.der = None if is_empty(d) else d
                 elif not is_empty(d):
-                    var.der = _add(var.der, d)
+                    var.der = add_ders(var.der, d)
                 pending_var[v] += 1
             for p, d in zip(layer.param_indexes, der_params, strict=False):
                 par = self.params[p]
                 if (pending_param[p] == 0 and not self.accumulate_param_ders) or is_empty(par.der):
                     par.der = None if is_empty(d) else d
                 elif not is_empty(d):
-                    par.der = _add(par.der, d)
+                    par.der = add_ders(par.der, d)
                 pending_param[p] += 1
 
-    def _note_unsupported(self) -> None:
+    def note_unsupported(self) -> None:
         """A line in ``notes`` for the layers eval cannot run (custom types, custom losses)."""
         for layer in self.layers:
             loss = layer.block.get("loss")
@@ -482,7 +381,7 @@ class DagNet:
         if custom:
             names = [l.name for l in self.layers if l.type in custom]
             self.notes.append(
-                f"layer type(s) {', '.join(custom)} (layers {_shown(names, 6)}) not run by the reference: "
+                f"layer type(s) {', '.join(custom)} (layers {shown(names, 6)}) not run by the reference: "
                 "remove them (net.remove_layer) before eval"
             )
 
@@ -544,268 +443,24 @@ class DagNet:
         return f"DagNet({len(self.layers)} layers, {len(self.vars)} vars, {len(self.params)} params)\n{body}"
 
     def to_struct(self) -> dict[str, Any]:
-        """``saveobj``: ``vars`` (name, precious), ``params`` (name, value, learningRate,
-        weightDecay), ``layers`` (name, type, inputs, outputs, params, block) as lists of
-        dicts (the caller writes them as struct arrays), and ``meta``."""
-        return {
-            "vars": [{"name": v.name, "precious": bool(v.precious)} for v in self.vars],
-            "params": [
-                {
-                    "name": p.name,
-                    "value": np.zeros((0, 0)) if p.value is None else p.value,
-                    "learningRate": float(p.learning_rate),
-                    "weightDecay": float(p.weight_decay),
-                }
-                for p in self.params
-            ],
-            "layers": [
-                {
-                    "name": l.name,
-                    "type": l.type,
-                    "inputs": list(l.inputs),
-                    "outputs": list(l.outputs),
-                    "params": list(l.params),
-                    "block": {_block_name(l, k): _saved(k, v) for k, v in l.block.items()},
-                }
-                for l in self.layers
-            ],
-            "meta": self.meta,
-        }
+        """``saveobj``: vars, params, layers as lists of dicts, and meta
+        (``harness.mcn.dagnn_convert.dagnet_to_struct``)."""
+        from harness.mcn.dagnn_convert import dagnet_to_struct
+
+        return dagnet_to_struct(self)
 
     @staticmethod
     def from_struct(s: Any, source: str = "net") -> DagNet:
-        """``dagnn.DagNN.loadobj(s)`` for a converted saveobj struct (harness.mcn.matfile's
-        conversion rules): layers added in order, then the saved params' value,
-        learningRate, weightDecay (and trainMethod if saved) and the vars' precious, by
-        name. What real files hold is adapted, with a line in ``notes`` where something is
-        left out: numbers stored as uint8 are floats, 1x1 params (read as numbers) become
-        (1, 1) arrays in the class of the net's other params, filters whose trailing
-        singleton dimensions MATLAB dropped get them back from the layer's ``size``."""
-        if not isinstance(s, dict) or "layers" not in s:
-            raise McnError(f"Expected {source} to be a DagNN struct with a 'layers' field.")
-        layers_raw = s["layers"]
-        if isinstance(layers_raw, dict):
-            layers_raw = [layers_raw]
-        if not isinstance(layers_raw, list):
-            raise McnError(f"Expected {source}.layers to be a struct array of layers.")
-        net = DagNet()
-        for i, raw in enumerate(layers_raw):
-            where = f"{source}.layers({i + 1})"
-            if not isinstance(raw, dict):
-                raise McnError(f"{where}: Expected a layer struct. Received {type(raw).__name__}")
-            name, ltype = raw.get("name"), raw.get("type")
-            if not isinstance(name, str) or not name:
-                raise McnError(f"{where}.name: Expected a layer name. Received {type(name).__name__}")
-            if not isinstance(ltype, str) or not ltype:
-                raise McnError(f"{where}.type: Expected a class name. Received {type(ltype).__name__}")
-            block = raw.get("block", {})
-            if not isinstance(block, dict):
-                if not (is_empty(block) or block == []):
-                    raise McnError(f"{where}.block: Expected a struct. Received {type(block).__name__}")
-                block = {}
-            net.add_layer(
-                name,
-                ltype,
-                _names_list(raw.get("inputs"), f"{where}.inputs"),
-                _names_list(raw.get("outputs"), f"{where}.outputs"),
-                _names_list(raw.get("params"), f"{where}.params"),
-                block,
-                skip_rebuild=True,
-            )
-        net.rebuild()
-        _load_params(net, s.get("params", []), source)
-        _load_vars(net, s.get("vars", []), source)
-        meta = s.get("meta", {})
-        net.meta = blocks.as_double(meta) if isinstance(meta, dict) else {}
-        extra = [k for k in s if k not in ("vars", "params", "layers", "meta")]
-        if extra:
-            net.notes.append(f"{source}: fields {', '.join(extra)} are not part of a DagNN; ignored")
-        net._note_unsupported()
-        return net
+        """``dagnn.DagNN.loadobj(s)`` for a converted saveobj struct, adapting what real
+        files hold (``harness.mcn.dagnn_convert.dagnet_from_struct``)."""
+        from harness.mcn.dagnn_convert import dagnet_from_struct
+
+        return dagnet_from_struct(s, source=source)
 
     @staticmethod
     def from_simplenn(net: Net) -> DagNet:
-        """``dagnn.DagNN.fromSimpleNN(net)``: the net is tidied (vl_simplenn_tidy) first;
-        vars ``x0`` (input) ... ``xL`` plus ``label`` for a softmaxloss; params
-        ``<layer>f``/``<layer>b`` (conv, convt; no ``b`` and ``has_bias`` False without
-        biases), bnorm ``<layer>m``/``<layer>b``/``<layer>x`` (gains, biases, moments: the
-        moments param has learning rate 0.1 unless the layer gives a third one, weight
-        decay 0, train method average); a bnorm's epsilon is not copied (the block keeps
-        1e-5). A 'loss' or custom layer raises McnError, as in MatConvNet."""
-        from harness.mcn.simplenn import vl_simplenn_tidy
+        """``dagnn.DagNN.fromSimpleNN(net)``, the net tidied first
+        (``harness.mcn.dagnn_convert.dagnet_from_simplenn``)."""
+        from harness.mcn.dagnn_convert import dagnet_from_simplenn
 
-        tidy = vl_simplenn_tidy(net)
-        dag = DagNet(meta=copy.deepcopy(tidy.meta))
-        for l, layer in enumerate(tidy.layers, start=1):
-            dag._add_simplenn_layer(layer, l)
-        inputs_meta = dag.meta.get("inputs")
-        if isinstance(inputs_meta, dict):
-            inputs_meta["name"] = dag.layers[0].inputs[0]
-        elif isinstance(inputs_meta, list) and inputs_meta and isinstance(inputs_meta[0], dict):
-            inputs_meta[0]["name"] = dag.layers[0].inputs[0]
-        return dag
-
-    def _add_simplenn_layer(self, layer: Layer, l: int) -> None:
-        name, t = layer.name, layer.type
-        ins, outs = [f"x{l - 1}"], [f"x{l}"]
-        params: list[tuple[str, Any]] = []
-        lr = np.asarray(layer.get("learning_rate", []), dtype=np.float64).ravel(order="F")
-        wd = np.asarray(layer.get("weight_decay", []), dtype=np.float64).ravel(order="F")
-        block: dict[str, Any]
-        if t in ("conv", "convt"):
-            w = layer.weights
-            has_bias = len(w) > 1 and not is_empty(w[1])
-            params = [(f"{name}f", w[0])] + ([(f"{name}b", w[1])] if has_bias else [])
-            size = list(np.shape(w[0]))
-            if t == "conv":
-                btype = "dagnn.Conv"
-                block = {"size": size, "pad": layer.pad, "stride": layer.stride, "dilate": layer.dilate}
-            else:
-                btype = "dagnn.ConvTranspose"
-                block = {
-                    "size": size,
-                    "upsample": layer.upsample,
-                    "crop": layer.crop,
-                    "num_groups": layer.num_groups,
-                }
-            block |= {"has_bias": has_bias, "opts": list(layer.get("opts", []))}
-            wd = wd[:1] if not has_bias else wd
-        elif t == "pool":
-            btype = "dagnn.Pooling"
-            if not layer.has("method"):
-                self.notes.append(
-                    f"layer {l} '{name}' (pool): no field 'method' (fromSimpleNN needs one); 'max'"
-                )
-            block = {
-                "method": layer.get("method", "max"),
-                "pool_size": layer.pool,
-                "pad": layer.pad,
-                "stride": layer.stride,
-                "opts": list(layer.get("opts", [])),
-            }
-        elif t in ("normalize", "lrn"):
-            btype, block = "dagnn.LRN", {"param": layer.param}
-        elif t == "dropout":
-            btype, block = "dagnn.DropOut", {"rate": layer.rate}
-        elif t == "relu":
-            btype, block = "dagnn.ReLU", {"leak": layer.get("leak", 0.0)}
-        elif t == "sigmoid":
-            btype, block = "dagnn.Sigmoid", {}
-        elif t == "softmax":
-            btype, block = "dagnn.SoftMax", {}
-        elif t == "softmaxloss":
-            btype, block = "dagnn.Loss", {"loss": "softmaxlog"}
-            label, k = "label", 0
-            while label in self._var_index:
-                k += 1
-                label = f"label{k}"
-            ins.append(label)
-        elif t == "bnorm":
-            btype, block = "dagnn.BatchNorm", {}
-            params = [(f"{name}{s}", w) for s, w in zip("mbx", layer.weights[:3], strict=True)]
-            if lr.size and lr.size < 3:
-                self.notes.append(
-                    f"layer {l} '{name}' (bnorm): learningRate has {lr.size} entries (fromSimpleNN reads 3); "
-                    "the moments keep 0.1"
-                )
-            wd = np.concatenate([wd[:2], [0.0]]) if wd.size else wd
-        else:
-            raise McnError(f"layer {l} '{name}': {t} is unsupported (dagnn.DagNN.fromSimpleNN)")
-        self.add_layer(name, btype, ins, outs, [p for p, _ in params], block)
-        for j, (pname, value) in enumerate(params):
-            p = self.param(pname)
-            if not is_empty(value):
-                p.value = np.asarray(value)
-            if j < lr.size:
-                p.learning_rate = float(lr[j])
-            if j < wd.size:
-                p.weight_decay = float(wd[j])
-
-
-def _block_name(layer: DagLayer, key: str) -> str:
-    """The MATLAB name of a block property: camelCase for the block's own properties,
-    else the name it was given (a custom block's ``loss_type`` stays ``loss_type``)."""
-    if key in blocks.BLOCKS.get(layer.type, {}):
-        return matlab_field(key)
-    return layer.matlab_names.get(key, key)
-
-
-def _saved(key: str, value: Any) -> Any:
-    """A block property as saveobj writes it: vectors as 1 x N rows, ``[]`` for None."""
-    if value is None:
-        return np.zeros((0, 0))
-    if key in blocks.VECTOR_PROPS and isinstance(value, np.ndarray):
-        return value.reshape(1, -1)
-    return value
-
-
-def _load_params(net: DagNet, saved: Any, source: str) -> None:
-    items = [saved] if isinstance(saved, dict) else saved if isinstance(saved, list) else []
-    unknown = []
-    for i, p in enumerate(items):
-        where = f"{source}.params({i + 1})"
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-            raise McnError(f"{where}: Expected a struct with a 'name'.")
-        if p["name"] not in net._param_index:
-            unknown.append(p["name"])
-            continue
-        mine = net.param(p["name"])
-        if "value" in p:
-            mine.value = p["value"]
-        for key, attr in (("learningRate", "learning_rate"), ("weightDecay", "weight_decay")):
-            if key in p:
-                value = blocks.number(p[key], f"{where}.{key}")
-                if value is not None:
-                    setattr(mine, attr, value)
-        if isinstance(p.get("trainMethod"), str):
-            mine.train_method = p["trainMethod"]
-    if unknown:
-        net.notes.append(f"{source}.params: {_shown(unknown, 6)} used by no layer; ignored")
-    like = next(
-        (
-            p.value.dtype
-            for p in net.params
-            if isinstance(p.value, np.ndarray) and p.value.dtype in (np.float32, np.float64)
-        ),
-        np.dtype(np.float64),
-    )
-    for p in net.params:
-        p.value = _param_value(p.value, like, f"{source}: param '{p.name}'")
-    for layer in net.layers:  # filters: trailing singleton dimensions back from the block's size
-        if layer.type in ("dagnn.Conv", "dagnn.ConvTranspose") and layer.params:
-            p = net.param(layer.params[0])
-            size = tuple(int(s) for s in layer.block.get("size", ()))
-            if isinstance(p.value, np.ndarray) and len(size) == 4 and p.value.ndim < 4:
-                nd = p.value.ndim
-                if p.value.shape == size[:nd] and all(s == 1 for s in size[nd:]):
-                    p.value = p.value.reshape(size)
-
-
-def _param_value(value: Any, like: np.dtype, where: str) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, bool | int | np.bool_ | np.integer):
-        return np.full((1, 1), float(value))
-    if isinstance(value, float | np.floating):
-        return np.full((1, 1), value, dtype=like)
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-        if value.size == 0:
-            return None
-        return value.astype(np.float64) if value.dtype.kind in "biu" else value
-    raise McnError(f"{where}: Expected a real numeric array. Received {type(value).__name__}")
-
-
-def _load_vars(net: DagNet, saved: Any, source: str) -> None:
-    items = [saved] if isinstance(saved, dict) else saved if isinstance(saved, list) else []
-    unknown = []
-    for i, v in enumerate(items):
-        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
-            raise McnError(f"{source}.vars({i + 1}): Expected a struct with a 'name'.")
-        if v["name"] not in net._var_index:
-            unknown.append(v["name"])
-            continue
-        if "precious" in v:
-            flag = v["precious"]
-            net.var(v["name"]).precious = bool(np.asarray(flag).any()) if np.size(flag) else False
-    if unknown:
-        net.notes.append(f"{source}.vars: {_shown(unknown, 6)} used by no layer; ignored")
+        return dagnet_from_simplenn(net)

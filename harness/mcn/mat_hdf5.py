@@ -15,7 +15,7 @@ from harness.mcn.mat_hdf5_guard import H5Reader, open_hdf5
 from harness.mcn.mat_values import MatlabObject, checked_sparse, fix_str, one_line, safe_label, unreadable
 from harness.mcn.options import MAX_NESTING, McnError
 
-__all__ = ["H5_DTYPES", "hdf5_variable_names", "read_hdf5", "write_hdf5"]
+__all__ = ["H5_DTYPES", "hdf5_variable_names", "read_hdf5", "write_hdf5", "write_struct_arrays"]
 
 H5_DTYPES = {
     "double": np.float64,
@@ -238,6 +238,8 @@ def _h5_sparse(ctx: H5Reader, group: Any, cls: str | None, mpath: str) -> Any:
 
 
 def write_hdf5(path: Path, variables: dict[str, Any]) -> None:
+    """``variables`` as a MATLAB v7.3 file: dicts as structs, lists as cells, str as char,
+    arrays and numbers in their MATLAB class, behind MATLAB's 512-byte header."""
     import h5py
 
     with h5py.File(path, "w", userblock_size=512) as f:
@@ -255,12 +257,7 @@ def _h5_write(parent: Any, refs: Any, counter: list[int], name: str, value: Any)
     import h5py
 
     if isinstance(value, dict):
-        g = parent.create_group(name)
-        g.attrs["MATLAB_class"] = np.bytes_("struct")
-        names = np.empty(len(value), dtype=object)
-        for n, k in enumerate(value):
-            names[n] = np.array(list(k), dtype="S1")
-        g.attrs.create("MATLAB_fields", names, dtype=h5py.vlen_dtype(np.dtype("S1")))
+        g = _h5_struct_group(parent, name, list(value))
         for k, v in value.items():
             _h5_write(g, refs, counter, k, v)
         return g
@@ -302,6 +299,44 @@ def _h5_write(parent: Any, refs: Any, counter: list[int], name: str, value: Any)
     if cls == "logical":
         ds.attrs["MATLAB_int_decode"] = np.int32(1)
     return ds
+
+
+def _h5_struct_group(parent: Any, name: str, fields: list[str]) -> Any:
+    """A group ``name`` MATLAB reads as a struct with ``fields`` (in that order)."""
+    import h5py
+
+    g = parent.create_group(name)
+    g.attrs["MATLAB_class"] = np.bytes_("struct")
+    names = np.empty(len(fields), dtype=object)
+    for n, k in enumerate(fields):
+        names[n] = np.array(list(k), dtype="S1")
+    g.attrs.create("MATLAB_fields", names, dtype=h5py.vlen_dtype(np.dtype("S1")))
+    return g
+
+
+def write_struct_arrays(
+    path: Path, at: str, fields: dict[str, tuple[str, ...]], counts: dict[str, int]
+) -> None:
+    """Turn the cells of structs named in ``fields`` under ``at`` (``counts[name]`` structs
+    each, as ``write_hdf5`` wrote them) into HDF5 struct arrays with those fields: a struct
+    group whose fields are classless datasets of references, as MATLAB writes a struct array
+    in v7.3 and as dagnn.DagNN.loadobj needs (``isstruct(s.layers)``); an empty one a
+    0 x 0 struct."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        parent = f[at]
+        for name, keys in fields.items():
+            if counts[name] == 0:
+                del parent[name]
+                _h5_empty(parent, name, "struct")
+                continue
+            structs = [f[r] for r in parent[name][()].ravel()]
+            del parent[name]
+            g = _h5_struct_group(parent, name, list(keys))
+            for key in keys:
+                refs = np.array([[s[key].ref] for s in structs], dtype=h5py.ref_dtype)
+                g.create_dataset(key, data=refs)
 
 
 def _h5_empty(parent: Any, name: str, cls: str, shape: tuple = (0, 0)) -> Any:

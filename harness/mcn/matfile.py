@@ -17,20 +17,20 @@ scipy.sparse.csc_matrix, function handles and objects (MCOS such as gpuArray, ol
 classes) become ``MatlabObject`` carrying the class name only; a layer's ``precious`` is a
 bool. The loader does not refuse any of these: callers do, with their own message.
 
-From the converted struct to a ``Net`` (``_net_from_struct``), what real MatConvNet files
-hold is adapted: a bare cell of layers saved as ``net`` is read as ``net.layers``;
-integer and logical numbers in layer fields and meta become float64 (MATLAB saves
-integer-valued doubles as uint8, which scipy returns, and uint8 arithmetic wraps); weights
-are single or double arrays (integer ones float64, 1x1 ones (1, 1)); pre-beta
-``filters``/``biases`` become ``weights``; an old cnn_train's per-layer ``momentum`` is
-dropped; a layer field holding a MATLAB object (function handle, gpuArray ...) other than
-``type`` and ``weights`` is dropped, and so is a checkpoint's stale loss-layer ``class``,
-each with a line in ``net.notes``. A DagNN network (a ``dagnn.DagNN`` saveobj struct:
-vars, params, layers with inputs/outputs/block; v5 struct arrays or v7.3 HDF5 struct
-arrays) becomes a ``harness.mcn.dagnn.DagNet`` (``DagNet.from_struct`` says what it
-adapts); only a dagnn.DagNN saved as a MATLAB object (MCOS, unreadable) raises
-``DagNNNotSupported``, which ``require_simplenn`` also raises for the callers that do not
-handle DagNN networks yet.
+From the converted struct to a ``Net`` (harness.mcn.mat_net's ``net_from_struct``), what
+real MatConvNet files hold is adapted: a bare cell of layers saved as ``net`` is read as
+``net.layers``; integer and logical numbers in layer fields and meta become float64
+(MATLAB saves integer-valued doubles as uint8, which scipy returns, and uint8 arithmetic
+wraps); weights are single or double arrays (integer ones float64, 1x1 ones (1, 1));
+pre-beta ``filters``/``biases`` become ``weights``; an old cnn_train's per-layer
+``momentum`` is dropped; a layer field holding a MATLAB object (function handle, gpuArray
+...) other than ``type`` and ``weights`` is dropped, and so is a checkpoint's stale
+loss-layer ``class`` (here), each with a line in ``net.notes``. A DagNN network (a
+``dagnn.DagNN`` saveobj struct: vars, params, layers with inputs/outputs/block; v5 struct
+arrays or v7.3 HDF5 struct arrays) becomes a ``harness.mcn.dagnn.DagNet``
+(``DagNet.from_struct`` says what it adapts); only a dagnn.DagNN saved as a MATLAB object
+(MCOS, unreadable) raises ``DagNNNotSupported``, which ``require_simplenn`` also raises
+for the callers that do not handle DagNN networks yet.
 
 Files are untrusted: ``read_variables`` reads only the variables asked for (``load_net``:
 net, layers, meta), refuses nesting deeper than MAX_NESTING and declared sizes above
@@ -51,10 +51,11 @@ from typing import Any
 import numpy as np
 
 from harness.mcn.dagnn import DagNet
-from harness.mcn.mat_hdf5 import hdf5_variable_names, read_hdf5, write_hdf5
+from harness.mcn.mat_hdf5 import hdf5_variable_names, read_hdf5, write_hdf5, write_struct_arrays
+from harness.mcn.mat_net import net_from_struct
 from harness.mcn.mat_v5 import read_v5, v5_variable_names
-from harness.mcn.mat_values import MatlabObject, is_sparse, safe_label, unreadable
-from harness.mcn.net import Layer, Net, matlab_field, python_field
+from harness.mcn.mat_values import MatlabObject, safe_label, unreadable
+from harness.mcn.net import Net, matlab_field
 from harness.mcn.options import McnError
 
 __all__ = [
@@ -136,185 +137,8 @@ def list_variables(path: str | os.PathLike) -> list[str]:
     return v5_variable_names(p) if kind == "v5" else hdf5_variable_names(p)
 
 
-# --------------------------------------------------------------------------- to Net
-
 _LOSS_TYPES = ("loss", "softmaxloss")
-# pre-beta layers: filters/biases and their per-parameter multipliers (cnn_train's
-# defaults for a missing one were 1)
-_OLD_MULTIPLIERS = {
-    "learningRate": ("filtersLearningRate", "biasesLearningRate"),
-    "weightDecay": ("filtersWeightDecay", "biasesWeightDecay"),
-}
-
-
-def _net_from_struct(s: Any, source: str) -> Net:
-    """A ``Net`` from a converted simplenn struct (or a bare cell of layer structs).
-
-    What MATLAB files really hold is adapted, and ``net.notes`` says so where something
-    is left out: integer and logical numbers (MATLAB stores integer-valued doubles as
-    uint8, and scipy returns the stored type) become float64, a 1x1 weight a (1, 1)
-    array, pre-beta ``filters``/``biases`` become ``weights`` (their multipliers
-    ``learningRate``/``weightDecay`` pairs), an old cnn_train's per-layer ``momentum`` is
-    dropped (solver state), and so is a field holding a MATLAB object (a function handle,
-    a gpuArray ...) except ``type`` and ``weights``, which the caller refuses."""
-    notes: list[str] = []
-    if _is_layer_cell(s):
-        notes.append("the net is a bare cell of layer structs (no 'layers' field): read as net.layers")
-        s = {"layers": s}
-    if not isinstance(s, dict) or "layers" not in s:
-        raise McnError(f"Expected {source} to be a simplenn net struct with a 'layers' field.")
-    layers_raw = s["layers"]
-    if isinstance(layers_raw, dict):  # a single layer stored as a struct, not a cell
-        layers_raw = [layers_raw]
-    if not isinstance(layers_raw, list):
-        raise McnError(f"Expected {source}.layers to be a cell array of layer structs.")
-    momentum: list[str] = []
-    layers = [_layer_from_struct(raw, i, source, notes, momentum) for i, raw in enumerate(layers_raw)]
-    if momentum:
-        notes.append(
-            f"{', '.join(momentum)}: field 'momentum' (the solver state of an old cnn_train) ignored"
-        )
-    meta = s.get("meta", {})
-    if not isinstance(meta, dict):
-        meta = {}
-    return Net(layers, _as_double(meta), notes)
-
-
-def _is_layer_cell(s: Any) -> bool:
-    """A cell of layer structs (each then checked for its 'type')."""
-    return isinstance(s, list) and all(isinstance(x, dict) for x in s) and any("type" in x for x in s)
-
-
-def _layer_from_struct(raw: Any, i: int, source: str, notes: list[str], momentum: list[str]) -> Layer:
-    if not isinstance(raw, dict) or "type" not in raw:
-        raise McnError(f"{source}.layers{{{i + 1}}}: Expected a struct with a 'type' field.")
-    raw = _old_style_weights(dict(raw))
-    name = raw.get("name")
-    where = f"layer {i + 1} '{safe_label(name) if isinstance(name, str) else f'layer{i + 1}'}'"
-    fields = {}
-    for key, value in raw.items():
-        if key == "momentum":  # old cnn_train kept its momentum buffers in the layers
-            momentum.append(where)
-            continue
-        if key == "weights":
-            value = _as_weights(value)
-        elif key != "type" and (obj := _find_object(value)) is not None:
-            notes.append(
-                f"{where}: field '{safe_label(key)}' holds a MATLAB {safe_label(obj)} object; ignored"
-            )
-            continue
-        elif key == "precious":
-            try:
-                value = bool(np.asarray(value).any()) if np.size(value) else False
-            except (ValueError, TypeError):
-                raise McnError(
-                    f"{source}.layers{{{i + 1}}}.precious: Expected a logical value. "
-                    f"Received {type(value).__name__}"
-                ) from None
-        elif key == "opts":
-            value = _as_double(_as_list(value))
-        elif key != "type":
-            value = _as_double(value)
-        fields[python_field(key)] = value
-    layer_type = fields.pop("type")
-    name = fields.pop("name", None)
-    weights = fields.pop("weights", None)
-    return Layer(layer_type, name, weights, **fields)
-
-
-def _old_style_weights(raw: dict[str, Any]) -> dict[str, Any]:
-    """Pre-beta ``filters``/``biases`` as ``weights`` (as vl_simplenn_tidy does), and
-    ``filtersLearningRate``/``biasesLearningRate`` (``...WeightDecay``) as the
-    ``learningRate`` (``weightDecay``) pair [filters biases], a missing one being 1."""
-    if "filters" in raw and _no_weights(raw.get("weights")):
-        raw["weights"] = [raw.pop("filters"), raw.pop("biases", np.zeros((0, 0)))]
-    for new, old in _OLD_MULTIPLIERS.items():
-        if new in raw or not any(k in raw for k in old):
-            continue
-        pair = [_scalar(raw.get(k, 1.0)) for k in old]
-        if None not in pair:
-            for k in old:
-                raw.pop(k, None)
-            raw[new] = np.array([pair], dtype=np.float64)
-    return raw
-
-
-def _no_weights(w: Any) -> bool:
-    return w is None or (isinstance(w, list) and not w) or (isinstance(w, np.ndarray) and w.size == 0)
-
-
-def _scalar(v: Any) -> float | None:
-    """A real number (Python, NumPy, or a one-element real array) as float; else None."""
-    if isinstance(v, np.ndarray) and v.size == 1 and v.dtype.kind in "biuf":
-        v = v.ravel()[0]
-    if isinstance(v, bool | int | float | np.bool_ | np.integer | np.floating):
-        return float(v)
-    return None
-
-
-def _find_object(v: Any) -> str | None:
-    """The class of the first MATLAB object (function handle, MCOS ...) in ``v``, else None."""
-    if isinstance(v, MatlabObject):
-        return v.matlab_class
-    items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
-    for item in items:
-        found = _find_object(item)
-        if found is not None:
-            return found
-    return None
-
-
-def _as_double(v: Any) -> Any:
-    """Integer and logical numbers as float64 (arrays) and float (numbers), in cells and
-    structs too: MATLAB holds these fields as double, scipy returns the stored integer
-    type, and integer arithmetic would wrap around (uint8: 200 + 100 = 44)."""
-    if isinstance(v, bool | int | np.bool_ | np.integer):
-        return float(v)
-    if isinstance(v, np.ndarray) and v.dtype.kind in "biu":
-        return v.astype(np.float64)
-    if isinstance(v, list):
-        return [_as_double(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _as_double(x) for k, x in v.items()}
-    return v
-
-
-def _as_weights(value: Any) -> list:
-    """``weights`` as a list of arrays. MATLAB weights are single or double only: integer
-    and logical arrays (integer-valued doubles stored compactly) become float64; a 1x1
-    weight (a Python number) becomes a (1, 1) array in the class of the layer's other
-    floating weights (single with single filters), float64 otherwise."""
-    items = _as_list(value)
-    like = next(
-        (w.dtype for w in items if isinstance(w, np.ndarray) and w.dtype in (np.float32, np.float64)),
-        np.dtype(np.float64),
-    )
-    return [_as_weight(w, like) for w in items]
-
-
-def _as_weight(w: Any, like: np.dtype | None = None) -> Any:
-    """A weight as an array; sparse matrices, MATLAB objects and anything NumPy cannot
-    stack are kept as they are, for the caller to refuse with its own message."""
-    if isinstance(w, MatlabObject) or is_sparse(w):
-        return w
-    if isinstance(w, np.ndarray):
-        return w.astype(np.float64) if w.dtype.kind in "biu" else w
-    if isinstance(w, bool | int | np.bool_ | np.integer):
-        return np.full((1, 1), float(w), dtype=np.float64)
-    if isinstance(w, float | np.floating):
-        return np.full((1, 1), w, dtype=like or np.float64)
-    try:
-        return np.asarray(w)
-    except (ValueError, TypeError):
-        return w
-
-
-def _as_list(v: Any) -> list:
-    if isinstance(v, list):
-        return v
-    if isinstance(v, np.ndarray) and v.size == 0:
-        return []
-    return [v]
+_net_from_struct = net_from_struct  # the historical name (tests.golden)
 
 
 # --------------------------------------------------------------------------- DagNN
@@ -395,7 +219,7 @@ def _find_net(
             raise _dagnn_object_error(s, path)
         if _is_dagnn(s):
             return _dagnet(s, f"{path}: variable 'net'"), variables
-        net = _net_from_struct(s, f"{path}: variable 'net'")
+        net = net_from_struct(s, f"{path}: variable 'net'")
     elif "layers" in variables:
         if _is_dagnn(variables) or (
             isinstance(variables["layers"], list | dict) and {"vars", "params"} <= set(list_variables(path))
@@ -403,7 +227,7 @@ def _find_net(
             fields = {k: v for k, v in variables.items() if k in ("layers", "meta")}
             fields |= read_variables(path, ("vars", "params"))
             return _dagnet(fields, path), variables
-        net = _net_from_struct(variables, path)
+        net = net_from_struct(variables, path)
     else:
         names = ", ".join(sorted(list_variables(path))) or "none"
         raise McnError(
@@ -440,7 +264,7 @@ def load_net(path: str | os.PathLike) -> Net | DagNet:
     """Load a net from a .mat file (v5/v7 or v7.3): a ``net`` variable (a net struct or a
     bare cell of layer structs), the struct's fields at top level, or a cnn_train
     checkpoint of any era. A simplenn net is returned as stored, adapted as
-    ``_net_from_struct`` says (call ``vl_simplenn_tidy`` to fill MatConvNet's defaults);
+    ``net_from_struct`` says (call ``vl_simplenn_tidy`` to fill MatConvNet's defaults);
     ``net.notes`` lists what was left out (MATLAB objects in layer fields, a checkpoint's
     stale loss labels). A DagNN net (a dagnn.DagNN saveobj struct) is returned as a
     ``DagNet`` (``DagNet.from_struct``: as ``dagnn.DagNN.loadobj``); a dagnn.DagNN saved as
@@ -518,35 +342,6 @@ def _dagnn_v5(net: DagNet) -> dict[str, Any]:
     return out
 
 
-def _hdf5_struct_arrays(path: Path, at: str, counts: dict[str, int]) -> None:
-    """Turn the cells of structs ``vars``/``params``/``layers`` under ``at`` into HDF5 struct
-    arrays (a struct group whose fields are classless datasets of references), as MATLAB
-    writes a struct array in v7.3 and as dagnn.DagNN.loadobj needs (``isstruct(s.layers)``)."""
-    import h5py
-
-    with h5py.File(path, "a") as f:
-        parent = f[at]
-        for name in _DAGNN_ARRAYS:
-            keys = _DAGNN_KEYS[name]
-            if counts[name] == 0:
-                del parent[name]
-                ds = parent.create_dataset(name, data=np.array([0, 0], dtype=np.uint64))
-                ds.attrs["MATLAB_class"] = np.bytes_("struct")
-                ds.attrs["MATLAB_empty"] = np.uint8(1)
-                continue
-            structs = [f[r] for r in parent[name][()].ravel()]
-            del parent[name]
-            g = parent.create_group(name)
-            g.attrs["MATLAB_class"] = np.bytes_("struct")
-            names = np.empty(len(keys), dtype=object)
-            for n, k in enumerate(keys):
-                names[n] = np.array(list(k), dtype="S1")
-            g.attrs.create("MATLAB_fields", names, dtype=h5py.vlen_dtype(np.dtype("S1")))
-            for key in keys:
-                refs = np.array([[s[key].ref] for s in structs], dtype=h5py.ref_dtype)
-                g.create_dataset(key, data=refs)
-
-
 def save_net(
     path: str | os.PathLike | Net | DagNet,
     net: Net | DagNet | str | os.PathLike,
@@ -579,7 +374,7 @@ def save_net(
             write_hdf5(Path(path), variables)
             if isinstance(net, DagNet):
                 counts = {k: len(struct[k]) for k in _DAGNN_ARRAYS}
-                _hdf5_struct_arrays(Path(path), variable or "/", counts)
+                write_struct_arrays(Path(path), variable or "/", _DAGNN_KEYS, counts)
     except McnError:
         raise
     except (TypeError, ValueError, IndexError, OverflowError) as err:  # a value MATLAB cannot hold

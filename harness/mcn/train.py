@@ -18,6 +18,7 @@ dict mirroring the MATLAB struct (adam: ``m``, ``v``, ``t``; adadelta: ``g_sqr``
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from harness.mcn.net import Net
 from harness.mcn.options import McnError, as_4d, float_dtype, is_empty
 from harness.mcn.simplenn import vl_simplenn, vl_simplenn_tidy
 from harness.mcn.solvers import SOLVER_DEFAULTS, SOLVERS, accumulate_gradients, check_multipliers
+from harness.mcn.train_inputs import batch_indices, resumed_state
 from harness.mcn.train_options import (
     ERROR_FUNCTIONS,
     ERROR_LABELS,
@@ -81,23 +83,8 @@ def fresh_state(net: Net) -> dict[str, Any]:
     return {"solverState": [[0] * len(layer.weights) for layer in net.layers]}
 
 
-def _copy_state(state: Any, net: Net) -> dict[str, Any]:
-    if state is None:
-        return fresh_state(net)
-    if not isinstance(state, dict):
-        raise McnError(f"Expected state to be None or a dict with 'solverState'. Received state={state!r}")
-    solver_state = state.get("solverState")
-    if (
-        solver_state is None
-        or (not isinstance(solver_state, list) and is_empty(solver_state))
-        or (isinstance(solver_state, list) and not solver_state)
-    ):
-        return {**state, "solverState": fresh_state(net)["solverState"]}
-    if not isinstance(solver_state, list) or len(solver_state) != len(net.layers):
-        raise McnError(
-            f"Expected state['solverState'] to be a list with one entry per layer ({len(net.layers)}). "
-            f"Received solverState={solver_state!r}"
-        )
+def _copy_entries(net: Net, solver_state: list) -> list:
+    """Each layer's solver state entries, one per weight, in their weights' shapes."""
     copied = []
     for i, (entry, layer) in enumerate(zip(solver_state, net.layers, strict=True)):
         entry = entry if isinstance(entry, list) else ([] if is_empty(entry) else [entry])
@@ -115,7 +102,7 @@ def _copy_state(state: Any, net: Net) -> dict[str, Any]:
                 for j, (s, w) in enumerate(zip(entry, layer.weights, strict=True))
             ]
         )
-    return {**state, "solverState": copied}
+    return copied
 
 
 def _shaped(s: Any, w: Any, name: str) -> Any:
@@ -285,35 +272,12 @@ def cnn_train_step(
     lr = float(opts.learning_rate[0]) if learning_rate is None else real_part(learning_rate, "learning_rate")
     dt = float_dtype(x, "x")
     net = prepare_net(net, dt)
-    state = _copy_state(state, net)
+    state = resumed_state(state, fresh_state(net)["solverState"], partial(_copy_entries, net), per="layer")
     _, _, objective = train_batch(net, state, x, labels, lr, opts, rng)
     return net, state, objective
 
 
 # ------------------------------------------------------------------------------- loop
-
-
-def _epoch_batches(entry: Any, e: int, n_all: int) -> list[np.ndarray]:
-    items = list(entry) if isinstance(entry, list | tuple) else [entry]
-    if items and all(np.ndim(b) == 0 for b in items):
-        items = [np.asarray(items)]  # one batch given as a flat list of indices
-    out = []
-    for k, b in enumerate(items):
-        try:
-            idx = np.asarray(b, dtype=np.float64).ravel(order="F")
-        except (TypeError, ValueError):
-            idx = np.asarray([np.nan])
-        if idx.size == 0 or not np.isfinite(idx).all() or np.any(idx != np.round(idx)):
-            raise McnError(
-                f"Expected batches[{e}][{k}] to be non-empty 1-based image indices. Received {b!r}"
-            )
-        if idx.min() < 1 or idx.max() > n_all:
-            raise McnError(
-                f"Expected batches[{e}][{k}] to index images 1..{n_all} (1-based). "
-                f"Received {idx.astype(int).tolist()}"
-            )
-        out.append(idx.astype(np.int64) - 1)
-    return out
 
 
 def cnn_train(
@@ -354,14 +318,15 @@ def cnn_train(
     if not isinstance(batches, list | tuple):
         raise McnError(f"Expected batches to be a list (one entry per epoch). Received batches={batches!r}")
     net = prepare_net(net, dt)
-    state = _copy_state(state, net)
+    state = resumed_state(state, fresh_state(net)["solverState"], partial(_copy_entries, net), per="layer")
     labels_names = ERROR_LABELS[opts.error_function]
     history: dict[str, list] = {"objective": [], **{k: [] for k in labels_names}, "num": []}
     for e, entry in enumerate(batches):
         lr = float(lrs[min(e, lrs.size - 1)])
         errors = None
         num = 0
-        for idx in _epoch_batches(entry, e, n_all):
+        for batch in batch_indices(entry, f"batches[{e}]", n_all=n_all):
+            idx = batch - 1
             lab = lab_all[:, idx] if per_image else lab_all[..., idx]
             col, n, _ = train_batch(net, state, images[..., idx], lab, lr, opts, rng)
             errors = col if errors is None else errors + col

@@ -25,6 +25,7 @@ epoch, and ``num`` the images seen.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from harness.mcn.dagnn import DagNet
 from harness.mcn.options import McnError, is_empty
 from harness.mcn.solvers import solver_step
+from harness.mcn.train_inputs import batch_indices, resumed_state
 from harness.mcn.train_options import TrainOpts, learning_rate_schedule, real_part
 
 __all__ = [
@@ -50,30 +52,15 @@ def fresh_dag_state(net: DagNet) -> dict[str, Any]:
     return {"solverState": [0] * len(net.params)}
 
 
-def _copy_state(state: Any, net: DagNet) -> dict[str, Any]:
-    if state is None:
-        return fresh_dag_state(net)
-    if not isinstance(state, dict):
-        raise McnError(f"Expected state to be None or a dict with 'solverState'. Received state={state!r}")
-    entries = state.get("solverState")
-    if (
-        entries is None
-        or (isinstance(entries, list) and not entries)
-        or (not isinstance(entries, list) and is_empty(entries))
-    ):
-        return {**state, "solverState": fresh_dag_state(net)["solverState"]}
-    if not isinstance(entries, list) or len(entries) != len(net.params):
-        raise McnError(
-            f"Expected state['solverState'] to be a list with one entry per param ({len(net.params)}). "
-            f"Received {type(entries).__name__} of {len(entries) if isinstance(entries, list) else '?'}"
-        )
+def _copy_entries(net: DagNet, entries: list) -> list:
+    """Each param's solver state entry in the param's shape where it has its size."""
     copied = []
     for p, s in zip(net.params, entries, strict=True):
         if isinstance(s, dict):
             copied.append({k: _shaped(v, p.value) for k, v in s.items()})
         else:
             copied.append(_shaped(s, p.value))
-    return {**state, "solverState": copied}
+    return copied
 
 
 def _shaped(s: Any, w: Any) -> Any:
@@ -220,7 +207,9 @@ def cnn_train_dag_step(
     opts = _check(net, opts)
     lr = float(opts.learning_rate[0]) if learning_rate is None else real_part(learning_rate, "learning_rate")
     net = net.copy()
-    state = _copy_state(state, net)
+    state = resumed_state(
+        state, fresh_dag_state(net)["solverState"], partial(_copy_entries, net), per="param"
+    )
     num = _train_batch(net, state, inputs, lr, opts, der_outputs or DEFAULT_DER_OUTPUTS, rng)
     stats = {"num": num, **_stats(net)}
     net.reset()
@@ -231,19 +220,6 @@ def _stats(net: DagNet) -> dict[str, Any]:
     """extractStats: the running average of every Loss layer without ignoreAverage."""
     skip = {l.outputs[0] for l in net.layers if l.outputs and l.block.get("ignore_average", False)}
     return {k: v for k, v in net.loss_averages().items() if k not in skip}
-
-
-def _batches(entry: Any, what: str) -> list[np.ndarray]:
-    items = list(entry) if isinstance(entry, list | tuple) else [entry]
-    if items and all(np.ndim(b) == 0 for b in items):
-        items = [np.asarray(items)]
-    out = []
-    for k, b in enumerate(items):
-        idx = np.asarray(b, dtype=np.float64).ravel(order="F")
-        if idx.size == 0 or not np.isfinite(idx).all() or np.any(idx != np.round(idx)) or idx.min() < 1:
-            raise McnError(f"Expected {what}[{k}] to be non-empty 1-based image indices. Received {b!r}")
-        out.append(idx.astype(np.int64))
-    return out
 
 
 def _getter(data: Any) -> Callable[[np.ndarray], dict[str, Any]]:
@@ -309,19 +285,21 @@ def cnn_train_dag(
     get = _getter(data)
     der_outputs = der_outputs or DEFAULT_DER_OUTPUTS
     net = net.copy()
-    state = _copy_state(state, net)
+    state = resumed_state(
+        state, fresh_dag_state(net)["solverState"], partial(_copy_entries, net), per="param"
+    )
     history: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     for e, entry in enumerate(batches):
         lr = float(lrs[min(e, lrs.size - 1)])
         stats: dict[str, Any] = {"num": 0}
-        for idx in _batches(entry, f"batches[{e}]"):
+        for idx in batch_indices(entry, f"batches[{e}]"):
             stats["num"] += _train_batch(net, state, get(idx), lr, opts, der_outputs, rng)
             stats.update(_stats(net))
         history["train"].append(stats)
         net.reset()
         stats = {"num": 0}
         entry = val_batches[e] if val_batches is not None else []
-        for idx in _batches(entry, f"val_batches[{e}]") if entry is not None else []:
+        for idx in batch_indices(entry, f"val_batches[{e}]") if entry is not None else []:
             inputs = get(idx)
             for s in range(opts.num_sub_batches):
                 sub, n = split_batch(inputs, s, opts.num_sub_batches)

@@ -11,6 +11,7 @@ with the loss scaled as cnn_train scales the derivative it gives the solver:
 - a user ``loss`` (a Keras loss name, object or callable on one-hot targets ``(N, K)``) is
   used as Keras would use it, plus the regularisation losses (``model.losses``).
 
+``keras_apply_step`` is the step itself for any data loss (the DagNN replay's too).
 ``ends_in_probabilities`` says whether the model's output is probabilities (a softmax
 before the loss) rather than class scores; ``current_learning_rate`` reads the rate of
 the optimizer's next step.
@@ -18,6 +19,7 @@ the optimizer's next step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
     from harness.equivalence.align import Alignment
 
-__all__ = ["current_learning_rate", "ends_in_probabilities", "keras_train_step"]
+__all__ = ["current_learning_rate", "ends_in_probabilities", "keras_apply_step", "keras_train_step"]
 
 
 def _one_hot(labels: np.ndarray, k: int) -> np.ndarray:
@@ -78,23 +80,35 @@ def keras_train_step(
     x = as_4d(np.asarray(x, dtype=dtype), "x")
     n = x.shape[3]
     lab = np.asarray(labels, dtype=np.float64)
-    xk = tf.constant(x.transpose(3, 0, 1, 2))
     fn = keras.losses.get(loss) if isinstance(loss, str) else loss
-    with tf.GradientTape() as tape:
-        out = model(xk, training=True)
+
+    def data_loss(out):
         if fn is None:
             data = keras_batch_loss(out, lab, n, dialect, probabilities)
             if dialect == "beta25":
                 data = data / tf.constant(float(n), dtype=data.dtype)  # cnn_train: dzdw / batchSize
-        else:
-            k = int(out.shape[-1])
-            target = tf.constant(
-                _one_hot(lab, k).reshape((n,) + (1,) * (len(out.shape) - 2) + (k,)), out.dtype
-            )
-            target = tf.broadcast_to(target, tf.shape(out))
-            # a Keras loss function gives per-image values, averaged as compile() does; a
-            # Loss object reduces itself (in its own dtype: floatx() unless given)
-            data = tf.reduce_mean(tf.cast(fn(target, out), out.dtype))
+            return data
+        k = int(out.shape[-1])
+        target = tf.constant(_one_hot(lab, k).reshape((n,) + (1,) * (len(out.shape) - 2) + (k,)), out.dtype)
+        target = tf.broadcast_to(target, tf.shape(out))
+        # a Keras loss function gives per-image values, averaged as compile() does; a
+        # Loss object reduces itself (in its own dtype: floatx() unless given)
+        return tf.reduce_mean(tf.cast(fn(target, out), out.dtype))
+
+    return keras_apply_step(model, optimizer, tf.constant(x.transpose(3, 0, 1, 2)), data_loss)
+
+
+def keras_apply_step(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, inputs: Any, data_loss: Callable[[Any], Any]
+) -> float:
+    """What ``model.fit`` does for one batch: ``model(inputs, training=True)``, the data loss
+    ``data_loss(output)`` plus the regularisation losses ``model.losses``, its gradient with
+    respect to ``model.trainable_variables``, ``optimizer.apply``. ``inputs`` is what the model
+    takes (NHWC). Returns the data loss before the step."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        data = data_loss(model(inputs, training=True))
         total = data
         for extra in model.losses:
             total = total + tf.cast(extra, total.dtype)

@@ -27,7 +27,11 @@ least the largest reference value among its layer's parameters (for a state: the
 across the net), so that the rounding noise of an exactly-zero derivative (a conv bias
 before a bnorm, a bnorm beta made irrelevant by a later bnorm) does not count.
 
-The report and its JSON schema: ``harness.training.report``.
+A DagNN net (``DagNet``) is replayed with cnn_train_dag by ``harness.training.dag_replay``
+(``compare_training`` dispatches). Both replays share what this module and ``state``
+make public: the argument checks, the step records and the report (here), one step's rows
+(``state.step_items``/``compare_step``). The report and its JSON schema:
+``harness.training.report``.
 """
 
 from __future__ import annotations
@@ -41,21 +45,23 @@ import numpy as np
 from harness.diagnosis.optimizer_rules import optimizer_differences
 from harness.equivalence.align import align
 from harness.equivalence.keras_pass import with_dtype
-from harness.equivalence.metrics import measure
 from harness.equivalence.reference_pass import cast_net
 from harness.equivalence.run import CONVENTIONS
+from harness.mcn.dagnn import DagNet
 from harness.mcn.net import Net
 from harness.mcn.options import McnError, as_4d
 from harness.mcn.train import TrainOpts, cnn_train_step, prepare_net
 from harness.training.keras_step import current_learning_rate, ends_in_probabilities, keras_train_step
 from harness.training.report import TrainingReport, TrainingRow, find_first_divergence
 from harness.training.state import (
-    KerasParam,
+    SIGMA_LIMITATION,
+    compare_step,
+    initial_values,
     keras_params,
-    keras_variable_value,
+    objective_row,
     reference_value,
-    state_pairs,
     state_reader,
+    step_items,
 )
 from harness.translate.weights import WeightMap
 
@@ -67,8 +73,14 @@ __all__ = [
     "TRAINING_TOLERANCES",
     "TrainingReport",
     "TrainingRow",
+    "check_set_up",
     "compare_training",
+    "describe_solver",
+    "epochs_for",
+    "finish_report",
     "keras_train_step",
+    "rate_of",
+    "step_record",
 ]
 
 # Normwise relative error (max|keras - ref| / scale, the scale at least max|ref| and
@@ -85,14 +97,9 @@ __all__ = [
 # computing in float32 against the float64 reference, ~1e-7 per step.
 TRAINING_TOLERANCES = {"float64": 1e-10, "float32": 1e-4}
 
-SIGMA_LIMITATION = (
-    "bnorm moments: Keras averages the variance (moving_variance), cnn_train averages "
-    "sigma = sqrt(variance + epsilon); only the mean follows the same formula"
-)
-
 
 def compare_training(
-    net: Net,
+    net: Net | DagNet,
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
     batches: list,
@@ -104,6 +111,7 @@ def compare_training(
     loss: Any = None,
     mapping: dict[str, list[str]] | None = None,
     tolerance: float | None = None,
+    der_outputs: Any = None,
 ) -> TrainingReport:
     """Train ``net`` (cnn_train, NumPy) and ``model`` (with ``optimizer``) on the same
     ``batches`` from the same weights and compare them after every step.
@@ -117,27 +125,43 @@ def compare_training(
     ``optimizer`` is built on the model's variables (pass a fresh one). ``mapping``
     ({MatConvNet name: [Keras names]}) overrides the layer alignment. Returns a
     TrainingReport (rows per step, layer and tensor; first divergence; text and JSON).
+
+    A DagNN ``net`` (``DagNet``) is replayed with cnn_train_dag by
+    ``harness.training.dag_replay.compare_training_dag``: ``batches`` are then input dicts
+    (``{'input': x, 'label': labels}``) and ``der_outputs`` (default ``{'objective': 1}``)
+    names the objective; ``dialect`` (master only), ``loss`` and ``mapping`` do not apply.
     """
+    if isinstance(net, DagNet):
+        from harness.training.dag_replay import compare_training_dag
+
+        given = {"loss": loss, "mapping": mapping, "dialect": None if dialect == "master" else dialect}
+        unsupported = sorted(k for k, v in given.items() if v is not None)
+        if unsupported:
+            raise McnError(
+                f"Expected no {', '.join(unsupported)} for a DagNN net (cnn_train_dag: dialect master, "
+                f"MatConvNet's loss, layers found by name). Received {', '.join(unsupported)}"
+            )
+        return compare_training_dag(
+            net,
+            model,
+            optimizer,
+            batches,
+            train_opts,
+            epochs_of_steps=epochs_of_steps,
+            dtype=dtype,
+            tolerance=tolerance,
+            der_outputs=der_outputs,
+        )
+    if der_outputs is not None:
+        raise McnError("Expected der_outputs only with a DagNN net (simplenn: cnn_train seeds the loss)")
     opts = TrainOpts() if train_opts is None else train_opts
-    if not isinstance(opts, TrainOpts):
-        raise McnError(f"Expected train_opts to be a TrainOpts. Received train_opts={type(opts).__name__}")
-    dialect = opts.dialect if dialect is None else dialect
-    if dialect not in CONVENTIONS:
-        raise McnError(f"Expected dialect to be one of {list(CONVENTIONS)}. Received dialect={dialect!r}")
-    if dialect != opts.dialect:
-        opts = dataclasses.replace(opts, dialect=dialect)
-    if dtype not in TRAINING_TOLERANCES:
-        raise McnError(f"Expected dtype 'float64' or 'float32'. Received dtype={dtype!r}")
-    if getattr(optimizer, "built", False):
-        raise McnError(
-            "Expected a fresh optimizer (compare_training builds it on the model's variables). "
-            f"Received a built {type(optimizer).__name__}"
-        )
-    if not isinstance(batches, list | tuple) or not batches:
-        raise McnError(
-            f"Expected batches to be a non-empty list of (x, labels). Received batches={batches!r}"
-        )
-    tol = TRAINING_TOLERANCES[dtype] if tolerance is None else float(tolerance)
+    if isinstance(opts, TrainOpts):
+        dialect = opts.dialect if dialect is None else dialect
+        if dialect not in CONVENTIONS:
+            raise McnError(f"Expected dialect to be one of {list(CONVENTIONS)}. Received dialect={dialect!r}")
+        if dialect != opts.dialect:
+            opts = dataclasses.replace(opts, dialect=dialect)
+    opts, tol = check_set_up(opts, optimizer, batches, dtype, tolerance, what="(x, labels)")
     np_dtype = np.float64 if dtype == "float64" else np.float32
     ref = prepare_net(net, np.float64)
     dropout = [l.name for l in ref.layers if l.type == "dropout"]
@@ -147,7 +171,7 @@ def compare_training(
             f"Received dropout layers {dropout}"
         )
     batches = [_batch(b, k) for k, b in enumerate(batches)]
-    epochs = _epochs(epochs_of_steps, len(batches), optimizer)
+    epochs = epochs_for(epochs_of_steps, len(batches), optimizer)
     rates = np.asarray(opts.learning_rate, dtype=np.float64).ravel()
 
     model = with_dtype(model, dtype)
@@ -156,28 +180,21 @@ def compare_training(
     params = keras_params(ref, model, alignment, weights)
     probabilities = ends_in_probabilities(model, alignment)
     notes = list(weights.notes)
-    limitations: list[str] = []
-    if any(p.role == "variance" for p in params):
-        limitations.append(SIGMA_LIMITATION)
+    limitations = [SIGMA_LIMITATION] if any(p.role == "variance" for p in params) else []
 
     rows: list[TrainingRow] = []
     steps: list[dict] = []
     state = None
-    # previous values (MatConvNet layout) for the per-step change: {(param, field): (ref, keras)}
-    prev: dict[tuple[int, str], tuple[Any, Any]] = {
-        (id(p), "w"): (reference_value(ref, p), p.to_mcn(keras_variable_value(p))[0]) for p in params
-    }
+    prev = initial_values(params, lambda p: reference_value(ref, p))
     last = ref.layers[-1]
     state_of, state_note = state_reader(optimizer, opts)
     notes += [state_note] if state_note else []
-    first_rate = float(rates[min(epochs[0], rates.size) - 1])
     differences = optimizer_differences(
-        optimizer, opts, ref, rate=first_rate, dtype=dtype, model=model, alignment=alignment
+        optimizer, opts, ref, rate=rate_of(rates, epochs[0]), dtype=dtype, model=model, alignment=alignment
     )
     notes += [d.note for d in differences]
     for k, ((x, labels), epoch) in enumerate(zip(batches, epochs, strict=True)):
-        step = k + 1
-        lr = float(rates[min(epoch, rates.size) - 1])
+        step, lr = k + 1, rate_of(rates, epoch)
         ref, state, objective = cnn_train_step(
             ref, state, x.astype(np.float64), labels, learning_rate=lr, opts=opts
         )
@@ -185,207 +202,95 @@ def compare_training(
         k_obj = keras_train_step(
             model, optimizer, x, labels, dialect=dialect, loss=loss, probabilities=probabilities, dtype=dtype
         )
-        steps.append(
-            {
-                "step": step,
-                "epoch": epoch,
-                "learning_rate": lr,
-                "keras_learning_rate": k_lr,
-                "objective": float(objective),
-                "keras_objective": k_obj,
-            }
+        steps.append(step_record(step, epoch, lr, k_lr, objective, k_obj))
+        rows.append(objective_row(last.name, last.type, objective, k_obj, tol, step, epoch))
+        items = step_items(
+            params,
+            lambda p, net=ref: reference_value(net, p),
+            lambda p, st=state: st["solverState"][p.index][p.j],
+            state_of,
+            k_lr,
         )
-        r = _compare(objective, k_obj, tol)
-        rows.append(_make_row(last.name, last.type, "loss", "objective", r, step, epoch, "objective"))
-        items = _step_items(params, ref, state, state_of, k_lr)
-        floors: dict[tuple, float] = {}
-        for it in items:
-            if it["group"] is not None:
-                scale = float(np.max(np.abs(np.asarray(it["want"], dtype=np.float64)), initial=0.0))
-                floors[it["group"]] = max(floors.get(it["group"], 0.0), scale)
-        for it in items:
-            p = it["param"]
-            before = prev.get(it["key"])
-            r = _compare(
-                it["want"],
-                it["got"],
-                tol,
-                None if before is None else before[0],
-                None if before is None else before[1],
-                it["keras_shape"],
-                floors.get(it["group"], 0.0),
-                it["key"] is not None,
-            )
-            row = _make_row(p.layer, p.type, p.key, it["tensor"], r, step, epoch, it["kind"], it["note"])
-            if p.role == "variance" and not row.ok and not (row.nonfinite_ref or row.nonfinite_keras):
-                row.limitation = SIGMA_LIMITATION
-            rows.append(row)
-            if it["key"] is not None:
-                prev[it["key"]] = (it["want"], it["got"])
-    changed = [s["step"] for s in steps if s["keras_learning_rate"] is not None and not math.isclose(
-        s["keras_learning_rate"], s["learning_rate"], rel_tol=1e-6, abs_tol=0.0)]  # fmt: skip
-    if changed:
-        s = steps[changed[0] - 1]
-        notes.append(
-            f"Keras' learning rate differs from cnn_train's from step {s['step']} on "
-            f"({s['keras_learning_rate']:.6g} vs {s['learning_rate']:.6g} in epoch {s['epoch']})"
-        )
-    report = TrainingReport(
-        rows=rows,
-        steps=steps,
+        rows += compare_step(items, tol, prev, step, epoch)
+    return finish_report(
+        rows,
+        steps,
+        notes,
         dtype=dtype,
         dialect=dialect,
         convention=CONVENTIONS[dialect]
         + ("" if loss is None else f"; Keras trains with {_loss_name(loss)} instead"),
-        solver=_describe(opts),
-        optimizer=type(optimizer).__name__,
+        solver=describe_solver(opts),
+        optimizer=optimizer,
         tolerance=tol,
         alignment_problems=alignment.problems + weights.problems,
-        notes=notes,
         limitations=limitations,
     )
+
+
+# ------------------------------------------------------------------------------ shared by
+# compare_training and harness.training.dag_replay.compare_training_dag
+
+
+def check_set_up(
+    opts: Any, optimizer: Any, batches: Any, dtype: str, tolerance: float | None, *, what: str
+) -> tuple[TrainOpts, float]:
+    """The checks both replays make of their arguments (``what``: one batch, as the error
+    names it); returns the TrainOpts and the tolerance (``TRAINING_TOLERANCES[dtype]``
+    unless given)."""
+    if not isinstance(opts, TrainOpts):
+        raise McnError(f"Expected train_opts to be a TrainOpts. Received train_opts={type(opts).__name__}")
+    if dtype not in TRAINING_TOLERANCES:
+        raise McnError(f"Expected dtype 'float64' or 'float32'. Received dtype={dtype!r}")
+    if getattr(optimizer, "built", False):
+        raise McnError(
+            "Expected a fresh optimizer (compare_training builds it on the model's variables). "
+            f"Received a built {type(optimizer).__name__}"
+        )
+    if not isinstance(batches, list | tuple) or not batches:
+        raise McnError(f"Expected batches to be a non-empty list of {what}. Received batches={batches!r}")
+    return opts, TRAINING_TOLERANCES[dtype] if tolerance is None else float(tolerance)
+
+
+def rate_of(rates: np.ndarray, epoch: int) -> float:
+    """cnn_train's ``learningRate(min(epoch, end))`` (``epoch`` 1-based)."""
+    return float(rates[min(epoch, rates.size) - 1])
+
+
+def step_record(step: int, epoch: int, lr: float, k_lr: float | None, objective: Any, k_obj: float) -> dict:
+    """One entry of ``TrainingReport.steps``."""
+    return {
+        "step": step,
+        "epoch": epoch,
+        "learning_rate": lr,
+        "keras_learning_rate": k_lr,
+        "objective": float(objective),
+        "keras_objective": k_obj,
+    }
+
+
+def finish_report(
+    rows: list[TrainingRow],
+    steps: list[dict],
+    notes: list[str],
+    *,
+    optimizer: Any,
+    reference: str = "cnn_train",
+    **fields: Any,
+) -> TrainingReport:
+    """The TrainingReport of a replay: a note when Keras' learning rate parts from the
+    ``reference``'s, and the first divergence. ``fields``: TrainingReport's other fields."""
+    changed = [s["step"] for s in steps if s["keras_learning_rate"] is not None and not math.isclose(
+        s["keras_learning_rate"], s["learning_rate"], rel_tol=1e-6, abs_tol=0.0)]  # fmt: skip
+    if changed:
+        s = steps[changed[0] - 1]
+        notes = notes + [
+            f"Keras' learning rate differs from {reference}'s from step {s['step']} on "
+            f"({s['keras_learning_rate']:.6g} vs {s['learning_rate']:.6g} in epoch {s['epoch']})"
+        ]
+    report = TrainingReport(rows=rows, steps=steps, optimizer=type(optimizer).__name__, notes=notes, **fields)
     report.first_divergence = find_first_divergence(report)
     return report
-
-
-def _step_items(params: list[KerasParam], ref: Net, state: dict, state_of, k_lr) -> list[dict]:
-    """Everything to compare after a step, in MatConvNet's layout. ``group``: tensors
-    whose largest reference value is a floor for each other's scale: a layer's
-    parameters, and one state field across the net. A parameter that stays ~0 (the beta
-    of a bnorm whose shift a later bnorm removes, a conv bias before a bnorm) has a
-    derivative that is exactly zero in exact arithmetic: both sides hold rounding noise,
-    meaningful only next to the layer's other parameters (its state next to the net's
-    other gradients)."""
-    items = []
-    for p in params:
-        got, off = p.to_mcn(keras_variable_value(p))
-        moments = p.role in ("mean", "variance")
-        items.append(
-            {
-                "param": p,
-                "tensor": {"mean": "w{3}.mu", "variance": "w{3}.sigma"}.get(p.role, f"w{{{p.j + 1}}}"),
-                "kind": "weight",
-                "want": reference_value(ref, p),
-                "got": got,
-                "key": (id(p), "w"),
-                "group": None if moments else (p.index, "w"),
-                "keras_shape": p.keras_shape,
-                "note": "",
-            }
-        )
-        if off is not None:
-            items.append(
-                {
-                    "param": p,
-                    "tensor": "w{1}*",
-                    "kind": "weight",
-                    "want": np.zeros(off.shape),
-                    "got": off,
-                    "key": None,
-                    "group": (p.index, "w"),
-                    "keras_shape": None,
-                    "note": "Keras-only weights off MatConvNet's filter groups (MatConvNet has none)",
-                }
-            )
-        if state_of is None or moments or not p.variable.trainable:
-            continue
-        got_state = state_of(p.variable, k_lr if k_lr else 1.0)
-        for name, want_s, got_s in state_pairs(state["solverState"][p.index][p.j], got_state):
-            scalar = name == "t"
-            items.append(
-                {
-                    "param": p,
-                    "tensor": f"solverState{{{p.j + 1}}}" + (f".{name}" if name else ""),
-                    "kind": "state",
-                    "want": float(want_s) if scalar else want_s,
-                    "got": float(got_s) if scalar else p.to_mcn(got_s)[0],
-                    "key": None if scalar else (id(p), f"state.{name}"),
-                    "group": None if scalar else ("state", name),
-                    "keras_shape": None if scalar else p.keras_shape,
-                    "note": "",
-                }
-            )
-    return items
-
-
-def _filled(value, shape) -> np.ndarray:
-    a = np.asarray(value, dtype=np.float64)
-    return np.full(shape, float(a.ravel()[0])) if a.size == 1 and shape != a.shape else a.reshape(shape)
-
-
-def _compare(
-    ref, got, tol: float, prev_ref=None, prev_got=None, keras_shape=None, floor=0.0, update=False
-) -> dict:
-    """Normwise errors of ``got`` against ``ref`` (MatConvNet layout); the scale is the
-    larger of the two maxima (a reference of zeros against Keras' non-zeros is a
-    divergence) and at least ``floor``. With ``update``, ``update_rel`` compares this
-    step's changes from the previous values (None: 0, cnn_train's initial state).
-    ``keras_shape``: the Keras array the same elements come from (C order), for the
-    worst index in Keras' layout."""
-    ref = np.asarray(ref, dtype=np.float64)
-    got = np.asarray(got, dtype=np.float64)
-    out: dict[str, Any] = {"numel": int(got.size), "tolerance": tol}
-    if ref.shape != got.shape:
-        if ref.size == got.size or ref.size == 1:
-            ref = _filled(ref, got.shape)  # MATLAB shapes; cnn_train's state 0 before an update
-        else:
-            note = f"shape mismatch: MatConvNet {ref.shape} vs Keras {got.shape}"
-            return {**out, "ok": False, "mismatches": int(got.size), "note": note}
-    if ref.size == 0:
-        return {**out, "ok": True, "mismatches": 0}
-    m = measure(ref, got, tol, floor=floor, symmetric=True)
-    worst = m.worst
-    keras_idx = None
-    if keras_shape is not None and int(np.prod(keras_shape)) == ref.size:
-        flat = int(np.ravel_multi_index(worst, ref.shape)) if ref.ndim else 0
-        keras_idx = [int(i) for i in np.unravel_index(flat, tuple(keras_shape))]
-    out.update(
-        ok=m.ok,
-        mismatches=m.mismatches,
-        max_abs=m.max_abs,
-        max_rel=m.max_rel,
-        worst_index_mcn=[int(i) for i in worst],
-        worst_index_keras=keras_idx,
-        ref_value=m.ref_value,
-        keras_value=m.got_value,
-        nonfinite_ref=m.nonfinite_ref,
-        nonfinite_keras=m.nonfinite_got,
-    )
-    if m.note():
-        out["note"] = m.note()
-    if update:
-        d_ref = ref - (0.0 if prev_ref is None else _filled(prev_ref, ref.shape))
-        d_got = got - (0.0 if prev_got is None else _filled(prev_got, got.shape))
-        d_scale = max(float(np.max(np.abs(d_ref))), float(np.max(np.abs(d_got))), 1e-300)
-        d_diff = float(np.max(np.abs(d_got - d_ref)))
-        out["update_rel"] = d_diff / d_scale if d_diff else 0.0
-    return out
-
-
-def _make_row(layer, type_, keras, tensor, r: dict, step, epoch, kind, note="") -> TrainingRow:
-    return TrainingRow(
-        layer=layer,
-        type=type_,
-        keras=keras,
-        tensor=tensor,
-        ok=r["ok"],
-        numel=r.get("numel", 0),
-        mismatches=r.get("mismatches", 0),
-        max_abs=r.get("max_abs", 0.0),
-        max_rel=r.get("max_rel", 0.0 if r["ok"] else 1.0),
-        tolerance=r.get("tolerance", 0.0),
-        worst_index_mcn=r.get("worst_index_mcn"),
-        worst_index_keras=r.get("worst_index_keras"),
-        ref_value=r.get("ref_value"),
-        keras_value=r.get("keras_value"),
-        note="; ".join(n for n in (note, r.get("note", "")) if n),
-        nonfinite_ref=r.get("nonfinite_ref", 0),
-        nonfinite_keras=r.get("nonfinite_keras", 0),
-        step=step,
-        epoch=epoch,
-        kind=kind,
-        update_rel=r.get("update_rel"),
-    )
 
 
 def _loss_name(loss) -> str:
@@ -415,7 +320,9 @@ def _batch(b, k: int) -> tuple[np.ndarray, np.ndarray]:
     return x, labels.reshape(1, -1)
 
 
-def _epochs(epochs_of_steps, n_steps: int, optimizer) -> list[int]:
+def epochs_for(epochs_of_steps: Any, n_steps: int, optimizer: Any) -> list[int]:
+    """The 1-based epoch of each step: ``epochs_of_steps`` checked, else the optimizer's
+    ``MatConvNetSchedule`` epochs, else epoch 1 throughout."""
     if epochs_of_steps is None:
         from harness.translate.optim import MatConvNetSchedule
 
@@ -432,7 +339,8 @@ def _epochs(epochs_of_steps, n_steps: int, optimizer) -> list[int]:
     return epochs
 
 
-def _describe(opts: TrainOpts) -> str:
+def describe_solver(opts: TrainOpts) -> str:
+    """cnn_train's update in a line: the solver, weightDecay and learningRate."""
     if opts.solver is None:
         text = f"SGD (momentum {opts.momentum:g}{', Nesterov' if opts.nesterov_update else ''})"
     else:

@@ -22,6 +22,11 @@ no reader (their weights are compared, not their states; the note says why).
 
 bnorm moments: the mean maps to ``moving_mean``; sigma to ``sqrt(moving_variance +
 epsilon)`` (Keras averages the variance, MatConvNet sigma).
+
+One step's rows, for both replays (``compare_training`` and the DagNN one): ``step_items``
+lists what to compare after a step (each parameter and optimizer state, reference and
+Keras in MatConvNet's layout), ``compare_step`` measures them (``harness.equivalence.metrics.
+measure``) into TrainingRows, ``objective_row`` the step's objective.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.diagnosis.optimizer_rules import SOLVER_NAMES, keras_solver
+from harness.equivalence.metrics import measure
 from harness.mcn.net import Net
 from harness.mcn.options import is_empty
 from harness.mcn.train import TrainOpts
+from harness.training.report import TrainingRow
 from harness.translate.weights import aligned_parameter_layers, conv_to_keras, parameter_role, split_groups
 
 if TYPE_CHECKING:
@@ -45,12 +52,17 @@ if TYPE_CHECKING:
     from harness.translate.weights import WeightMap
 
 __all__ = [
+    "SIGMA_LIMITATION",
     "KerasParam",
+    "compare_step",
+    "initial_values",
     "keras_params",
     "keras_variable_value",
+    "objective_row",
     "reference_value",
     "state_pairs",
     "state_reader",
+    "step_items",
 ]
 
 
@@ -189,3 +201,205 @@ def state_reader(optimizer: Any, opts: TrainOpts) -> tuple[Callable | None, str 
     elif cls == "RMSprop" and (optimizer.momentum > 0 or optimizer.centered):
         note = "Keras RMSprop's momentum/centered slots have no cnn_train counterpart (not compared)"
     return read, note
+
+
+# ------------------------------------------------------------------------------ one step's rows
+
+SIGMA_LIMITATION = (
+    "bnorm moments: Keras averages the variance (moving_variance), cnn_train averages "
+    "sigma = sqrt(variance + epsilon); only the mean follows the same formula"
+)
+
+
+def objective_row(
+    layer: str, type_: str, objective: Any, k_obj: float, tol: float, step: int, epoch: int
+) -> TrainingRow:
+    """The row of a step's objective (the reference's against Keras' loss)."""
+    r = _compare(objective, k_obj, tol)
+    return _make_row(layer, type_, "loss", "objective", r, step, epoch, "objective")
+
+
+def initial_values(params: list[KerasParam], value_of: Callable[[KerasParam], Any]) -> dict:
+    """The values before the first step, for the first step's change (``update_rel``):
+    ``{(id(param), "w"): (reference, Keras)}``, both in MatConvNet's layout."""
+    return {(id(p), "w"): (value_of(p), p.to_mcn(keras_variable_value(p))[0]) for p in params}
+
+
+def compare_step(items: list[dict], tol: float, prev: dict, step: int, epoch: int) -> list[TrainingRow]:
+    """The rows of one step from ``step_items``; ``prev`` (the values after the previous
+    step, for ``update_rel``) is updated in place. A tensor's scale is at least the
+    largest reference value of its group; a differing bnorm sigma is a known limitation."""
+    floors: dict[tuple, float] = {}
+    for it in items:
+        if it["group"] is not None:
+            scale = float(np.max(np.abs(np.asarray(it["want"], dtype=np.float64)), initial=0.0))
+            floors[it["group"]] = max(floors.get(it["group"], 0.0), scale)
+    rows = []
+    for it in items:
+        p = it["param"]
+        before = prev.get(it["key"])
+        r = _compare(
+            it["want"],
+            it["got"],
+            tol,
+            None if before is None else before[0],
+            None if before is None else before[1],
+            it["keras_shape"],
+            floors.get(it["group"], 0.0),
+            it["key"] is not None,
+        )
+        row = _make_row(p.layer, p.type, p.key, it["tensor"], r, step, epoch, it["kind"], it["note"])
+        if p.role == "variance" and not row.ok and not (row.nonfinite_ref or row.nonfinite_keras):
+            row.limitation = SIGMA_LIMITATION
+        rows.append(row)
+        if it["key"] is not None:
+            prev[it["key"]] = (it["want"], it["got"])
+    return rows
+
+
+def step_items(
+    params: list[KerasParam],
+    value_of: Callable[[KerasParam], Any],
+    state_entry_of: Callable[[KerasParam], Any],
+    state_of: Callable | None,
+    k_lr: float | None,
+) -> list[dict]:
+    """Everything to compare after a step, in MatConvNet's layout: each parameter
+    (``value_of``: the reference's) and its optimizer state (``state_entry_of``: the
+    reference's solver state; ``state_of``: Keras', from ``state_reader``). ``group``: tensors
+    whose largest reference value is a floor for each other's scale: a layer's
+    parameters, and one state field across the net. A parameter that stays ~0 (the beta
+    of a bnorm whose shift a later bnorm removes, a conv bias before a bnorm) has a
+    derivative that is exactly zero in exact arithmetic: both sides hold rounding noise,
+    meaningful only next to the layer's other parameters (its state next to the net's
+    other gradients)."""
+    items = []
+    for p in params:
+        got, off = p.to_mcn(keras_variable_value(p))
+        moments = p.role in ("mean", "variance")
+        items.append(
+            {
+                "param": p,
+                "tensor": {"mean": "w{3}.mu", "variance": "w{3}.sigma"}.get(p.role, f"w{{{p.j + 1}}}"),
+                "kind": "weight",
+                "want": value_of(p),
+                "got": got,
+                "key": (id(p), "w"),
+                "group": None if moments else (p.index, "w"),
+                "keras_shape": p.keras_shape,
+                "note": "",
+            }
+        )
+        if off is not None:
+            items.append(
+                {
+                    "param": p,
+                    "tensor": "w{1}*",
+                    "kind": "weight",
+                    "want": np.zeros(off.shape),
+                    "got": off,
+                    "key": None,
+                    "group": (p.index, "w"),
+                    "keras_shape": None,
+                    "note": "Keras-only weights off MatConvNet's filter groups (MatConvNet has none)",
+                }
+            )
+        if state_of is None or moments or not p.variable.trainable:
+            continue
+        got_state = state_of(p.variable, k_lr if k_lr else 1.0)
+        for name, want_s, got_s in state_pairs(state_entry_of(p), got_state):
+            scalar = name == "t"
+            items.append(
+                {
+                    "param": p,
+                    "tensor": f"solverState{{{p.j + 1}}}" + (f".{name}" if name else ""),
+                    "kind": "state",
+                    "want": float(want_s) if scalar else want_s,
+                    "got": float(got_s) if scalar else p.to_mcn(got_s)[0],
+                    "key": None if scalar else (id(p), f"state.{name}"),
+                    "group": None if scalar else ("state", name),
+                    "keras_shape": None if scalar else p.keras_shape,
+                    "note": "",
+                }
+            )
+    return items
+
+
+def _filled(value, shape) -> np.ndarray:
+    a = np.asarray(value, dtype=np.float64)
+    return np.full(shape, float(a.ravel()[0])) if a.size == 1 and shape != a.shape else a.reshape(shape)
+
+
+def _compare(
+    ref, got, tol: float, prev_ref=None, prev_got=None, keras_shape=None, floor=0.0, update=False
+) -> dict:
+    """Normwise errors of ``got`` against ``ref`` (MatConvNet layout); the scale is the
+    larger of the two maxima (a reference of zeros against Keras' non-zeros is a
+    divergence) and at least ``floor``. With ``update``, ``update_rel`` compares this
+    step's changes from the previous values (None: 0, cnn_train's initial state).
+    ``keras_shape``: the Keras array the same elements come from (C order), for the
+    worst index in Keras' layout."""
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    out: dict[str, Any] = {"numel": int(got.size), "tolerance": tol}
+    if ref.shape != got.shape:
+        if ref.size == got.size or ref.size == 1:
+            ref = _filled(ref, got.shape)  # MATLAB shapes; cnn_train's state 0 before an update
+        else:
+            note = f"shape mismatch: MatConvNet {ref.shape} vs Keras {got.shape}"
+            return {**out, "ok": False, "mismatches": int(got.size), "note": note}
+    if ref.size == 0:
+        return {**out, "ok": True, "mismatches": 0}
+    m = measure(ref, got, tol, floor=floor, symmetric=True)
+    worst = m.worst
+    keras_idx = None
+    if keras_shape is not None and int(np.prod(keras_shape)) == ref.size:
+        flat = int(np.ravel_multi_index(worst, ref.shape)) if ref.ndim else 0
+        keras_idx = [int(i) for i in np.unravel_index(flat, tuple(keras_shape))]
+    out.update(
+        ok=m.ok,
+        mismatches=m.mismatches,
+        max_abs=m.max_abs,
+        max_rel=m.max_rel,
+        worst_index_mcn=[int(i) for i in worst],
+        worst_index_keras=keras_idx,
+        ref_value=m.ref_value,
+        keras_value=m.got_value,
+        nonfinite_ref=m.nonfinite_ref,
+        nonfinite_keras=m.nonfinite_got,
+    )
+    if m.note():
+        out["note"] = m.note()
+    if update:
+        d_ref = ref - (0.0 if prev_ref is None else _filled(prev_ref, ref.shape))
+        d_got = got - (0.0 if prev_got is None else _filled(prev_got, got.shape))
+        d_scale = max(float(np.max(np.abs(d_ref))), float(np.max(np.abs(d_got))), 1e-300)
+        d_diff = float(np.max(np.abs(d_got - d_ref)))
+        out["update_rel"] = d_diff / d_scale if d_diff else 0.0
+    return out
+
+
+def _make_row(layer, type_, keras, tensor, r: dict, step, epoch, kind, note="") -> TrainingRow:
+    return TrainingRow(
+        layer=layer,
+        type=type_,
+        keras=keras,
+        tensor=tensor,
+        ok=r["ok"],
+        numel=r.get("numel", 0),
+        mismatches=r.get("mismatches", 0),
+        max_abs=r.get("max_abs", 0.0),
+        max_rel=r.get("max_rel", 0.0 if r["ok"] else 1.0),
+        tolerance=r.get("tolerance", 0.0),
+        worst_index_mcn=r.get("worst_index_mcn"),
+        worst_index_keras=r.get("worst_index_keras"),
+        ref_value=r.get("ref_value"),
+        keras_value=r.get("keras_value"),
+        note="; ".join(n for n in (note, r.get("note", "")) if n),
+        nonfinite_ref=r.get("nonfinite_ref", 0),
+        nonfinite_keras=r.get("nonfinite_keras", 0),
+        step=step,
+        epoch=epoch,
+        kind=kind,
+        update_rel=r.get("update_rel"),
+    )

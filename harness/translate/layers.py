@@ -51,8 +51,8 @@ class MatConvNetPooling(keras.layers.Layer):
         self.method = method
 
     def call(self, x):
-        (t, b), (l, r) = self.padding
-        pads = [[0, 0], [t, b], [l, r], [0, 0]]
+        (top, bottom), (left, right) = self.padding
+        pads = [[0, 0], [top, bottom], [left, right], [0, 0]]
         if self.method == "max":
             # -inf padding: a window never picks a padded cell (the clipped window).
             xp = ops.pad(x, pads, constant_values=float("-inf"))
@@ -71,15 +71,15 @@ class MatConvNetPooling(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
-        (t, b), (l, r) = self.padding
+        (top, bottom), (left, right) = self.padding
 
         def out(size, p0, p1, k, s):
             return None if size is None else (size + p0 + p1 - k) // s + 1
 
         return (
             n,
-            out(h, t, b, self.pool_size[0], self.strides[0]),
-            out(w, l, r, self.pool_size[1], self.strides[1]),
+            out(h, top, bottom, self.pool_size[0], self.strides[0]),
+            out(w, left, right, self.pool_size[1], self.strides[1]),
             c,
         )
 

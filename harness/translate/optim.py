@@ -67,6 +67,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from harness.mcn.dagnn import DagNet
 from harness.mcn.net import Net
 from harness.mcn.options import McnError, is_empty
 from harness.mcn.solvers import SOLVER_DEFAULTS, check_multipliers
@@ -437,7 +438,7 @@ def matconvnet_multipliers(net: Net, mapping: dict[str, str] | None = None) -> d
 
 
 def matconvnet_optimizer(
-    net: Net,
+    net: Net | DagNet,
     train_opts: TrainOpts | None = None,
     schedule: Any = None,
     steps_per_epoch: int = 1,
@@ -445,7 +446,8 @@ def matconvnet_optimizer(
     mapping: dict[str, str] | None = None,
     name: str | None = None,
 ) -> MatConvNetOptimizer:
-    """The Keras optimizer that performs cnn_train's update for ``net`` with ``train_opts``.
+    """The Keras optimizer that performs cnn_train's update for ``net`` with ``train_opts``
+    (cnn_train_dag's for a DagNet: the multipliers of each param, for ``to_keras_dag(net)``).
 
     The class follows ``train_opts.solver`` (SGD with ``momentum``/``nesterov_update``, or
     adam/rmsprop/adagrad/adadelta with ``solver_options``); ``weight_decay`` becomes the
@@ -460,14 +462,20 @@ def matconvnet_optimizer(
     opts = TrainOpts() if train_opts is None else train_opts
     if not isinstance(opts, TrainOpts):
         raise McnError(f"Expected train_opts to be a TrainOpts. Received train_opts={type(opts).__name__}")
-    prepared = prepare_net(net)
-    check_multipliers(prepared, [len(layer.weights) for layer in prepared.layers])
+    if isinstance(net, DagNet):
+        from harness.translate.dag_weights import dag_multipliers
+
+        multipliers = dag_multipliers(net)  # each param's own; moments are the Keras layer's
+    else:
+        prepared = prepare_net(net)
+        check_multipliers(prepared, [len(layer.weights) for layer in prepared.layers])
+        multipliers = matconvnet_multipliers(prepared, mapping)
     rates = opts.learning_rate if schedule is None else learning_rate_schedule(schedule, "schedule")
     learning_rate: Any = float(rates[0]) if rates.size == 1 else MatConvNetSchedule(rates, steps_per_epoch)
     common = {
         "learning_rate": learning_rate,
         "coupled_weight_decay": opts.weight_decay,
-        "multipliers": matconvnet_multipliers(prepared, mapping),
+        "multipliers": multipliers,
         "name": name,
     }
     cls = OPTIMIZERS[opts.solver]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.mcn import McnError, vl_nnbnorm
-from harness.mcn.bnorm import _channel_rows, _sequential_sum
+from harness.mcn.bnorm import _channel_columns, _sequential_sum
 
 from ..gradcheck import numeric_grad
 
@@ -97,18 +97,33 @@ def test_backward_with_batch_moments_equals_training_backward(case):
         np.testing.assert_array_equal(a, c)
 
 
-@pytest.mark.parametrize("shape", [(6, 7, 3, 1), (30, 30, 1, 7), (1, 1, 5, 300), (4, 5, 2, 20)])
-def test_sums_are_sequential_in_matconvnet_memory_order(shape):
-    """nnbnorm.cpp adds element by element (n outer, then w, then h) in float32."""
-    x = (np.random.default_rng(9).standard_normal(shape) + 3).astype(np.float32)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (6, 7, 3, 1),
+        (30, 30, 1, 7),
+        (1, 1, 5, 300),
+        (4, 5, 2, 20),
+        (1, 1, 8, 100),  # H = W = 1: the transposed view is column-major without a copy
+        (100, 100, 1, 1),  # one channel: one contiguous run (numpy would sum it pairwise)
+        (2, 2, 4096, 2),
+        (32, 32, 64, 16),  # the ResNet benchmark's shape
+        (9, 9, 17, 33),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sums_are_sequential_in_matconvnet_memory_order(shape, dtype):
+    """nnbnorm.cpp adds element by element (n outer, then w, then h) in x's precision."""
+    rng = np.random.default_rng(9)
+    x = ((rng.standard_normal(shape) + 3) * rng.uniform(0.1, 100)).astype(dtype)
     h, w, depth, n = shape
-    want = np.zeros(depth, np.float32)
+    want = np.zeros(depth, dtype)
     for m in range(n):
         for j in range(w):
             for i in range(h):
                 want = want + x[i, j, :, m]
-    got = _sequential_sum(_channel_rows(x))
-    assert got.dtype == np.float32
+    got = _sequential_sum(_channel_columns(x))
+    assert got.dtype == dtype
     np.testing.assert_array_equal(got, want)
 
 

@@ -4,9 +4,9 @@ Family ``dagnn`` of fixtures/golden_dagnn (one ``net.eval`` each, made by MatCon
 1e5ae7b7's dagnn package on the CPU): every var value and derivative, every param
 derivative, the execution order, the Loss layers' running averages, and the cases whose
 backward pass fails in MatConvNet (BatchNorm in mode test) as a forward-only eval plus an
-McnError. Then ``DagNet.from_simplenn`` against ``vl_simplenn``, and loading files built
-here with the traits real DagNN files have (uint8 block values, 1x1 biases, cuDNN options,
-shared params, custom layers, v5 and v7.3 struct arrays).
+McnError. Then ``DagNet.from_simplenn`` against ``vl_simplenn``, and the eval semantics
+(fan-out, Crop/Concat, BatchNorm and DropOut modes, Loss layers, shared params, gradient
+checks of the other blocks). DagNN files: test_dagnn_files.py.
 
 Tolerances (normwise: ``max|got - want| / scale``, scale = ``max|want|``):
 
@@ -37,23 +37,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
-import scipy.io
 
 from harness.mcn import (
     McnError,
     Net,
-    load_checkpoint,
-    load_net,
-    save_net,
     seed_net,
     vl_simplenn,
     vl_simplenn_tidy,
 )
 from harness.mcn.dagnn import DagLayer, DagNet, Param, Var
-from harness.mcn.matfile import DagNNNotSupported, require_simplenn
 from harness.mcn.net import Layer, python_field
 
 from ..golden_dagnn import case as _case
@@ -205,7 +199,8 @@ def test_from_simplenn_matches_the_golden_conversion():
 # --------------------------------------------------------------------------- from_simplenn
 
 
-def _small_bnorm_simplenn() -> Net:
+def small_bnorm_simplenn() -> Net:
+    """conv (no bias) > bnorm > relu > lrn > dropout > avg pool > conv > softmaxloss, single."""
     r = np.random.RandomState(3)
     f32 = np.float32
     return Net(
@@ -232,7 +227,7 @@ def _small_bnorm_simplenn() -> Net:
 
 @pytest.mark.parametrize("which", ["seed", "bnorm"])
 def test_from_simplenn_equals_vl_simplenn(which):
-    net = seed_net(seed=0) if which == "seed" else _small_bnorm_simplenn()
+    net = seed_net(seed=0) if which == "seed" else small_bnorm_simplenn()
     dag = DagNet.from_simplenn(net)
     r = np.random.RandomState(11)
     x = (
@@ -273,7 +268,7 @@ def test_from_simplenn_equals_vl_simplenn(which):
 
 
 def test_from_simplenn_names_params_and_multipliers():
-    dag = DagNet.from_simplenn(_small_bnorm_simplenn())
+    dag = DagNet.from_simplenn(small_bnorm_simplenn())
     assert [p.name for p in dag.params] == ["c1f", "bn1m", "bn1b", "bn1x", "c2f", "c2b"]
     c1 = dag.layer("c1")
     assert c1.params == ["c1f"] and c1.block["has_bias"] is False
@@ -284,231 +279,6 @@ def test_from_simplenn_names_params_and_multipliers():
     np.testing.assert_array_equal(dag.layer("c1").block["pad"], [1.0, 1.0, 1.0, 1.0])
     with pytest.raises(McnError, match="loss is unsupported"):
         DagNet.from_simplenn(Net([Layer("loss", "l")]))
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _struct_array(items: list[dict[str, Any]]) -> np.ndarray:
-    keys = list(items[0])
-    out = np.empty((1, len(items)), dtype=[(k, object) for k in keys])
-    for i, item in enumerate(items):
-        for k in keys:
-            out[0, i][k] = _cellify(item[k])
-    return out
-
-
-def _cellify(v: Any) -> Any:
-    if isinstance(v, list):
-        cell = np.empty((1, len(v)) if v else (0, 0), dtype=object)
-        for i, x in enumerate(v):
-            cell[0, i] = _cellify(x)
-        return cell
-    if isinstance(v, dict):
-        return {k: _cellify(x) for k, x in v.items()}
-    return v
-
-
-_r = np.random.RandomState(5)
-F_IN = _r.randn(3, 3, 2, 4).astype(np.float32)
-B_IN = _r.randn(4, 1).astype(np.float32)
-F_SH = (0.3 * _r.randn(3, 3, 4, 4)).astype(np.float32)
-F_OUT = _r.randn(3, 3, 4).astype(np.float32)  # 3x3x4x1: MATLAB drops the trailing singleton
-B_OUT = np.float32(0.25)  # a 1x1 bias
-X_IN = _r.randn(6, 6, 2, 2).astype(np.float32)
-TARGET = _r.randn(6, 6, 1, 2).astype(np.float32)
-
-
-def real_like_struct() -> dict[str, Any]:
-    """conv_in > rec1 (shared) > relu > rec2 (shared) > out (scalar bias) > custom L1 loss,
-    with what real files hold: uint8 block values, cuDNN opts, 1x1 biases."""
-    u8 = np.uint8
-    conv = lambda size, pad, opts: {  # noqa: E731
-        "size": np.array([size], u8),
-        "hasBias": u8(1),
-        "opts": opts,
-        "pad": np.array([[pad] * 4], u8),
-        "stride": np.array([[1, 1]], u8),
-        "dilate": np.array([[1, 1]], u8),
-    }
-    layers = [
-        ("conv_in", "dagnn.Conv", ["input"], ["h0"], ["in_f", "in_b"], conv([3, 3, 2, 4], 1, ["cuDNN"])),
-        (
-            "rec1",
-            "dagnn.Conv",
-            ["h0"],
-            ["h1"],
-            ["sh_f", "sh_b"],
-            conv([3, 3, 4, 4], 1, ["CudnnWorkspaceLimit", 2.0**31]),
-        ),
-        ("relu1", "dagnn.ReLU", ["h1"], ["h1r"], [], {"useShortCircuit": u8(1), "leak": 0.2, "opts": []}),
-        ("rec2", "dagnn.Conv", ["h1r"], ["h2"], ["sh_f", "sh_b"], conv([3, 3, 4, 4], 1, ["NoCuDNN"])),
-        ("out", "dagnn.Conv", ["h2"], ["prediction"], ["out_f", "out_b"], conv([3, 3, 4, 1], 1, [])),
-        (
-            "L1_loss",
-            "dagnn.vllab_dag_loss",
-            ["prediction", "target"],
-            ["objective"],
-            [],
-            {"lambda": u8(1), "loss_type": "L1", "loss": "softmaxlog", "ignoreAverage": u8(0), "opts": []},
-        ),
-    ]
-    names = ["input", "h0", "h1", "h1r", "h2", "prediction", "target", "objective"]
-    return {
-        "vars": [{"name": n, "precious": u8(0)} for n in names],
-        "params": [
-            {"name": "in_f", "value": F_IN, "learningRate": u8(1), "weightDecay": u8(1)},
-            {"name": "in_b", "value": B_IN, "learningRate": 0.1, "weightDecay": u8(1)},
-            {"name": "sh_f", "value": F_SH, "learningRate": u8(1), "weightDecay": u8(1)},
-            {
-                "name": "sh_b",
-                "value": np.zeros((4, 1), np.float32),
-                "learningRate": u8(1),
-                "weightDecay": u8(0),
-            },
-            {"name": "out_f", "value": F_OUT, "learningRate": u8(1), "weightDecay": u8(1)},
-            {"name": "out_b", "value": np.array([[B_OUT]]), "learningRate": u8(1), "weightDecay": u8(1)},
-        ],
-        "layers": [
-            {"name": n, "type": t, "inputs": i, "outputs": o, "params": p, "block": b}
-            for n, t, i, o, p, b in layers
-        ],
-        "meta": {"trained": u8(1)},
-    }
-
-
-def _write_v5(path: Path, where: str) -> None:
-    s = real_like_struct()
-    fields = {k: _struct_array(v) for k, v in s.items() if k != "meta"} | {"meta": s["meta"]}
-    scipy.io.savemat(path, {"net": fields} if where == "net" else fields, oned_as="row")
-
-
-@pytest.mark.parametrize("where", ["net", "top-level"])
-def test_a_v5_dagnn_file_loads_with_real_file_traits(tmp_path, where):
-    path = tmp_path / "dag.mat"
-    _write_v5(path, where)
-    raw = scipy.io.loadmat(path)
-    layers = raw["net"]["layers"][0, 0] if where == "net" else raw["layers"]
-    assert layers.dtype.names and layers.shape == (1, 6)  # really a struct array
-    net = load_net(path)
-    assert isinstance(net, DagNet)
-    assert [l.name for l in net.layers] == ["conv_in", "rec1", "relu1", "rec2", "out", "L1_loss"]
-    assert [p.name for p in net.params] == ["in_f", "in_b", "sh_f", "sh_b", "out_f", "out_b"]
-    assert net.param("sh_f").fanout == 2
-    conv = net.layer("rec1").block
-    assert conv["has_bias"] is True and conv["pad"].dtype == np.float64
-    np.testing.assert_array_equal(conv["size"], [3, 3, 4, 4])
-    assert net.layer("relu1").block["leak"] == 0.2
-    assert net.param("out_f").value.shape == (3, 3, 4, 1)  # restored from the block's size
-    out_b = net.param("out_b").value
-    assert out_b.shape == (1, 1) and out_b.dtype == np.float32 and out_b[0, 0] == B_OUT
-    assert net.param("in_b").learning_rate == 0.1 and net.param("sh_b").weight_decay == 0.0
-    assert net.meta == {"trained": 1.0}
-    assert any("dagnn.vllab_dag_loss" in n and "L1_loss" in n for n in net.notes)
-    assert net.layer("L1_loss").block["loss_type"] == "L1"
-    # the custom layer: eval raises naming it once it runs (its target given) ...
-    with pytest.raises(McnError, match=r"layer 6 'L1_loss' \(dagnn\.vllab_dag_loss\).*remove_layer"):
-        net.eval({"input": X_IN, "target": TARGET})
-    # ... a Loss-like layer without its second input is skipped, as in MatConvNet
-    net.reset()
-    net.eval({"input": X_IN})
-    assert net.var("objective").value is None and net.var("prediction").value.shape == (6, 6, 1, 2)
-    # cut it off: the target and objective vars go too
-    net.remove_layer("L1_loss")
-    assert net.get_outputs() == ["prediction"] and "target" not in [v.name for v in net.vars]
-    seed = np.random.RandomState(1).randn(6, 6, 1, 2).astype(np.float32)
-    net.eval({"input": X_IN}, {"prediction": seed})
-    _check_shared_param_derivative(net, seed)
-
-
-def _check_shared_param_derivative(net: DagNet, seed: np.ndarray) -> None:
-    """The shared params' derivatives are the sums of rec1's and rec2's own ones."""
-    from harness.mcn import vl_nnconv, vl_nnrelu
-
-    f, b = net.param("sh_f").value, net.param("sh_b").value
-    h0, h1r = net.var("h0").value, net.var("h1r").value
-    _, df2, db2 = vl_nnconv(h1r, f, b, net.var("h2").der, pad=1)
-    d1 = vl_nnrelu(net.var("h1").value, net.var("h1r").der, leak=0.2)
-    _, df1, db1 = vl_nnconv(h0, f, b, d1, pad=1)
-    np.testing.assert_allclose(net.param("sh_f").der, df1 + df2, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.ravel(net.param("sh_b").der), np.ravel(db1 + db2), rtol=1e-6, atol=1e-6)
-    assert net.var("prediction").der is seed
-
-
-@pytest.mark.parametrize("where", ["net", None])
-def test_save_net_round_trip_v5_and_v73(tmp_path, where):
-    v5 = tmp_path / "dag.mat"
-    _write_v5(v5, "net")
-    net = load_net(v5)
-    for version in ("7", "7.3"):
-        path = tmp_path / f"out{version}.mat"
-        save_net(net, path, version=version, variable=where)
-        if version == "7.3":
-            with h5py.File(path, "r") as f:  # struct arrays, as MATLAB writes them
-                assert isinstance(f["net/layers" if where else "layers"], h5py.Group)
-        back = load_net(path)
-        assert [l.name for l in back.layers] == [l.name for l in net.layers]
-        assert [v.name for v in back.vars] == [v.name for v in net.vars]
-        for a, b in zip(net.params, back.params, strict=True):
-            assert (a.name, a.learning_rate, a.weight_decay, a.train_method) == (
-                b.name,
-                b.learning_rate,
-                b.weight_decay,
-                b.train_method,
-            )
-            assert a.value.dtype == b.value.dtype and a.value.shape == b.value.shape
-            np.testing.assert_array_equal(a.value, b.value)
-        for a, b in zip(net.layers, back.layers, strict=True):
-            assert a.type == b.type and a.block.keys() == b.block.keys()
-        assert back.layer("L1_loss").block.keys() == net.layer("L1_loss").block.keys()
-        assert back.meta == {"trained": 1.0}
-        for n in (net, back):
-            n.remove_layer("L1_loss") if "L1_loss" in [l.name for l in n.layers] else None
-        net.reset()
-        back.eval({"input": X_IN})
-        net.eval({"input": X_IN})
-        np.testing.assert_array_equal(back.var("prediction").value, net.var("prediction").value)
-        net = load_net(v5)
-
-
-def test_saved_struct_is_what_loadobj_reads(tmp_path):
-    """saveobj's layout: 1xN struct arrays, block names in MATLAB's camelCase, cells."""
-    net = DagNet.from_simplenn(_small_bnorm_simplenn())
-    path = tmp_path / "d.mat"
-    save_net(path, net)
-    s = scipy.io.loadmat(path)["net"][0, 0]
-    assert set(s.dtype.names) == {"vars", "params", "layers", "meta"}
-    layers = s["layers"]
-    assert layers.shape == (1, 8) and set(layers.dtype.names) == {
-        "name",
-        "type",
-        "inputs",
-        "outputs",
-        "params",
-        "block",
-    }
-    conv = layers[0, 0]
-    assert conv["type"][0] == "dagnn.Conv" and conv["inputs"].dtype == object
-    assert {"size", "hasBias", "pad", "stride", "dilate", "opts"} <= set(conv["block"][0, 0].dtype.names)
-    assert set(s["params"].dtype.names) == {"name", "value", "learningRate", "weightDecay"}
-
-
-def test_load_checkpoint_of_cnn_train_dag(tmp_path):
-    path = tmp_path / "net-epoch-1.mat"
-    s = real_like_struct()
-    net = {k: _struct_array(v) for k, v in s.items() if k != "meta"} | {"meta": {}}
-    scipy.io.savemat(path, {"net": net, "state": {"solverState": np.zeros((1, 0))}, "stats": {"train": 1.0}})
-    cp = load_checkpoint(path)
-    assert isinstance(cp.net, DagNet) and cp.stats == {"train": 1.0}
-
-
-def test_require_simplenn():
-    dag = DagNet.from_simplenn(_small_bnorm_simplenn())
-    with pytest.raises(DagNNNotSupported, match="mcn-harness port does not support DagNN networks yet") as e:
-        require_simplenn(dag, "mcn-harness port")
-    assert "simplenn networks only" in str(e.value) and isinstance(e.value, McnError)
-    net = seed_net()
-    assert require_simplenn(net, "x") is net
 
 
 # --------------------------------------------------------------------------- eval semantics
@@ -676,7 +446,7 @@ def test_other_blocks_gradcheck(block_type, block, extra):
 
 
 def test_copy_and_remove_layer():
-    dag = DagNet.from_simplenn(_small_bnorm_simplenn())
+    dag = DagNet.from_simplenn(small_bnorm_simplenn())
     dag.eval({"x0": np.ones((8, 8, 2, 1), np.float32)})
     twin = dag.copy()
     assert all(v.value is None for v in twin.vars) and twin.param("c1f").value is not dag.param("c1f").value

@@ -1,7 +1,7 @@
 """load_net on what real MatConvNet files hold (v5 and v7.3): a bare layer cell saved as
 ``net``, cnn_train checkpoints of every era (per-layer momentum, ``info``, pre-beta
 filters/biases), integer and logical fields, 1x1 biases, MATLAB objects in layer fields,
-a checkpoint's stale loss labels, and DagNN files, which load as a DagNet with one clear line.
+a checkpoint's stale loss labels. DagNN files: test_dagnn_files.py.
 
 Every file is built here, small, with the trait it tests (scipy.io.savemat, the byte-level
 v5 helpers of test_matfile_safety, or h5py for v7.3 struct arrays and objects).
@@ -19,9 +19,7 @@ import pytest
 import scipy.io
 
 from harness.mcn import McnError, Net, load_checkpoint, load_net, save_net, vl_simplenn, vl_simplenn_tidy
-from harness.mcn.dagnn import DagNet
 from harness.mcn.mat_hdf5 import write_hdf5
-from harness.mcn.matfile import DagNNNotSupported, require_simplenn
 from harness.mcn.net import LAYER_TYPES, Layer
 
 from .test_matfile_safety import cell, double, el, matrix, struct_, text, v5, v5_net
@@ -77,13 +75,15 @@ def forward(net: Net, x: np.ndarray = X) -> np.ndarray:
     return vl_simplenn(Net(tidy.layers[:stop], tidy.meta), x, mode="test")[-1].x
 
 
-def _to_scipy(v: Any) -> Any:
+def to_scipy(v: Any) -> Any:
+    """Python values as scipy.io.savemat writes MATLAB's: lists as 1 x N cells (0 x 0
+    when empty), dicts as structs, inside one another too."""
     if isinstance(v, dict):
-        return {k: _to_scipy(x) for k, x in v.items()}
+        return {k: to_scipy(x) for k, x in v.items()}
     if isinstance(v, list):
         out = np.empty((1, len(v)) if v else (0, 0), dtype=object)
         for i, x in enumerate(v):
-            out[0, i] = _to_scipy(x)
+            out[0, i] = to_scipy(x)
         return out
     return v
 
@@ -91,7 +91,7 @@ def _to_scipy(v: Any) -> Any:
 def save_raw(path: Path, variables: dict[str, Any], version: str) -> Path:
     """Variables of Python values (dicts: structs, lists: cells) as a v5 or v7.3 file."""
     if version == "7":
-        scipy.io.savemat(path, _to_scipy(variables), oned_as="row")
+        scipy.io.savemat(path, to_scipy(variables), oned_as="row")
     else:
         write_hdf5(path, variables)
     return path
@@ -421,108 +421,3 @@ def test_stale_loss_labels_of_a_checkpoint_are_dropped(tmp_path, version):
     assert kept.notes == []
     assert kept.layers[-1].class_.dtype == np.float64
     np.testing.assert_array_equal(kept.layers[-1].class_, [[1.0, 2.0, 1.0, 4.0, 3.0]])
-
-
-# --------------------------------------------------------------------------- 8: DagNN
-
-
-def dagnn_struct() -> dict[str, list[dict[str, Any]]]:
-    """A dagnn.DagNN saveobj struct: conv (data -> x1, params f1 b1) > relu (x1 -> prediction)."""
-    return {
-        "vars": [{"name": n, "precious": False} for n in ("data", "x1", "prediction")],
-        "params": [
-            {"name": "f1", "value": F1[:, :, :1, :], "learningRate": 1.0, "weightDecay": 1.0},
-            {"name": "b1", "value": B1, "learningRate": 2.0, "weightDecay": 0.0},
-        ],
-        "layers": [
-            {
-                "name": "conv1",
-                "type": "dagnn.Conv",
-                "inputs": ["data"],
-                "outputs": ["x1"],
-                "params": ["f1", "b1"],
-                "block": {
-                    "size": np.array([[3, 3, 1, 3]], np.uint8),
-                    "hasBias": True,
-                    "pad": np.zeros((1, 4)),
-                },
-            },
-            {
-                "name": "relu1",
-                "type": "dagnn.ReLU",
-                "inputs": ["x1"],
-                "outputs": ["prediction"],
-                "params": [],
-                "block": {"leak": 0.0},
-            },
-        ],
-    }
-
-
-def _struct_array_v5(items: list[dict[str, Any]]) -> np.ndarray:
-    keys = list(items[0])
-    out = np.empty((1, len(items)), dtype=[(k, object) for k in keys])
-    for i, item in enumerate(items):
-        for k in keys:
-            out[0, i][k] = _to_scipy(item[k])
-    return out
-
-
-def _struct_arrays_v73(path: Path, at: str) -> None:
-    """Turn the cells of structs vars/params/layers under ``at`` into HDF5 struct arrays
-    (a group whose fields are classless datasets of references), as MATLAB writes them."""
-    with h5py.File(path, "a") as f:
-        parent = f[at]
-        for name in ("vars", "params", "layers"):
-            structs = [f[r] for r in parent[name][()].ravel()]
-            keys = [b"".join(n.tolist()).decode() for n in structs[0].attrs["MATLAB_fields"]]
-            del parent[name]
-            g = parent.create_group(name)
-            g.attrs["MATLAB_class"] = np.bytes_("struct")
-            h5_add_fields(g, *keys)
-            for key in keys:
-                g.create_dataset(key, data=np.array([[s[key].ref] for s in structs], dtype=h5py.ref_dtype))
-
-
-DAGNN_MESSAGE = (
-    "{path}: this file holds a MatConvNet DagNN network (dagnn.DagNN: vars, params, layers; "
-    "{what}); mcn-harness reads simplenn networks only so far (DagNN support is planned)"
-)
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("where", ["net-variable", "top-level"])
-def test_dagnn_file_loads_as_a_dagnet(tmp_path, version, where):
-    dag = dagnn_struct()
-    path = tmp_path / "dag.mat"
-    if version == "7":
-        fields = {k: _struct_array_v5(v) for k, v in dag.items()} | {"meta": {"trained": 0.0}}
-        scipy.io.savemat(path, {"net": fields} if where == "net-variable" else fields, oned_as="row")
-    else:
-        write_hdf5(path, {"net": dag | {"meta": {}}} if where == "net-variable" else dag | {"meta": {}})
-        _struct_arrays_v73(path, "net" if where == "net-variable" else "/")
-        with h5py.File(path, "r") as f:  # really struct arrays
-            assert isinstance(f["net/layers" if where == "net-variable" else "layers"], h5py.Group)
-    for net in (load_net(path), load_checkpoint(path).net):
-        assert isinstance(net, DagNet)
-        assert (len(net.vars), len(net.params), len(net.layers)) == (3, 2, 2)
-        assert [l.type for l in net.layers] == ["dagnn.Conv", "dagnn.ReLU"]
-        net.eval({"data": X[:, :, :1]})
-        assert net.var("prediction").value.shape == (4, 4, 3, 2)
-        with pytest.raises(DagNNNotSupported, match="does not support DagNN networks yet") as e:
-            require_simplenn(net, "this command")
-        assert isinstance(e.value, McnError) and "simplenn networks only" in str(e.value)
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-def test_dagnn_object_saved_as_such_is_refused(tmp_path, version):
-    path = tmp_path / "dagobj.mat"
-    if version == "7":
-        path.write_bytes(v5(v5_mcos(b"dagnn.DagNN", b"net")))
-    else:
-        write_hdf5(path, {"other": 1.0})
-        with h5py.File(path, "a") as f:
-            h5_mcos(f["/"], "net", "dagnn.DagNN", field=False)
-    with pytest.raises(DagNNNotSupported) as e:
-        load_net(path)
-    assert str(e.value) == DAGNN_MESSAGE.format(path=path, what="saved as a MATLAB dagnn.DagNN object")

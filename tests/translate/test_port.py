@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import itertools
 import os
 import shutil
@@ -20,6 +21,8 @@ from harness.mcn import save_net, seed_net, vl_simplenn, vl_simplenn_tidy
 from harness.mcn.net import Layer, Net
 from harness.translate import TranslationError, to_hwcn, to_keras, to_nhwc
 from harness.translate.port import PortResult, load_model, write_port
+
+from .test_translate import convt_net
 
 _MODULES = itertools.count()
 _STOCK = {name for name in dir(keras.layers) if isinstance(getattr(keras.layers, name), type)}
@@ -208,24 +211,9 @@ def _strided_net() -> Net:
 
 
 def _convt_net(groups: int) -> Net:
-    """A strided padded conv, then a convt with crop (Conv2DTranspose + Cropping2D, or
-    GroupedConv2DTranspose with filter groups)."""
-    r = np.random.RandomState(3)
-    layers = [
-        Layer("conv", "conv1", [r.randn(3, 3, 2, 4), r.randn(1, 4)], pad=[1, 0, 0, 1], stride=2),
-        Layer("relu", "relu1"),
-        Layer(
-            "convt",
-            "up1",
-            [r.randn(3, 2, 3, 4), r.randn(1, 3 * groups)],
-            upsample=[2, 1],
-            crop=[1, 0, 0, 1],
-            num_groups=groups,
-        ),
-        Layer("conv", "fc", [r.randn(8, 4, 3 * groups, 3), r.randn(1, 3)]),
-        Layer("softmaxloss", "loss"),
-    ]
-    return Net(layers, {"inputSize": [9, 9, 2]})
+    """test_translate's convt net (Conv2DTranspose + Cropping2D, or GroupedConv2DTranspose
+    with filter groups), its weights drawn with seed 3."""
+    return convt_net(groups, np.random.RandomState(3))
 
 
 def _softmax_net() -> Net:
@@ -338,17 +326,21 @@ def test_hostile_layer_names_stay_comments(tmp_path):
     assert model.layers[1].name == to_keras(net).layers[1].name
 
 
-def test_a_custom_layer_without_a_standalone_class_is_copied(tmp_path, monkeypatch):
-    """A custom layer added to harness.translate.layers before port.py knows it: its own
-    source (without the registration, with the helpers it calls) goes into model.py."""
-    from harness.translate import port
+def test_custom_layers_are_copied_from_harness_translate_layers(tmp_path):
+    """model.py defines each custom layer by its class in harness.translate.layers, the
+    source itself (without the registration, with the helpers it calls): the standalone
+    file runs the code model.keras runs."""
+    from harness.translate import layers
 
-    monkeypatch.delitem(port._CLASSES, "MatConvNetPooling")
     net = _pointwise_net()
     result = write_port(net, tmp_path / "port")
     source = result.model_py.read_text()
     assert "def _with_arguments(" in source and "register_keras_serializable" not in source
-    assert any("MatConvNetPooling: source copied from harness.translate.layers" in n for n in result.notes)
+    copied = "MatConvNetPooling in model.py (keras.ops, source copied from harness.translate.layers)"
+    assert any(copied in n for n in result.notes)
+    for name in result.custom_layers:
+        decorator, own = inspect.getsource(getattr(layers, name)).split("\n", 1)
+        assert decorator.startswith("@keras.saving.register_keras_serializable") and own.strip() in source
     assert _top_modules(source) - {"keras", "numpy"} <= set(sys.stdlib_module_names)
     model = _import(result.model_py).build_model()
     x, labels = _batch(net, 3)

@@ -8,6 +8,7 @@ import pytest
 
 import harness
 from harness.mcn import seed_net, vl_simplenn, vl_simplenn_tidy
+from harness.mcn.net import Layer, Net
 from harness.translate import keras_name, net_from_keras, to_hwcn, to_keras, to_nhwc
 
 from ..golden import case_net, load_case
@@ -125,12 +126,10 @@ def test_test_mode_bnorm_quirk_is_a_recorded_limitation():
     assert all(r.limitation in texts for r in limited)  # a row carries its limitation's text
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("mode", ["normal", "test"])
-def test_convt_translation_is_equivalent(groups, mode):
-    from harness.mcn.net import Layer, Net
-
-    rng = np.random.RandomState(groups)
+def convt_net(groups: int, rng: np.random.RandomState) -> Net:
+    """A strided padded conv, then a convt with crop (Conv2DTranspose + Cropping2D, or
+    GroupedConv2DTranspose with filter groups), a fully-connected conv and a softmaxloss,
+    for 9 x 9 x 2 images; the weights drawn from ``rng`` in layer order."""
     layers = [
         Layer("conv", "conv1", [rng.randn(3, 3, 2, 4), rng.randn(1, 4)], pad=[1, 0, 0, 1], stride=2),
         Layer("relu", "relu1"),
@@ -141,11 +140,18 @@ def test_convt_translation_is_equivalent(groups, mode):
             upsample=[2, 1],
             crop=[1, 0, 0, 1],
             num_groups=groups,
-        ),  # fmt: skip
+        ),
         Layer("conv", "fc", [rng.randn(8, 4, 3 * groups, 3), rng.randn(1, 3)]),
         Layer("softmaxloss", "loss"),
     ]
-    net = vl_simplenn_tidy(Net(layers, {"inputSize": np.array([[9.0, 9.0, 2.0]])}))
+    return Net(layers, {"inputSize": [9, 9, 2]})
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("mode", ["normal", "test"])
+def test_convt_translation_is_equivalent(groups, mode):
+    rng = np.random.RandomState(groups)
+    net = vl_simplenn_tidy(convt_net(groups, rng))
     x = rng.randn(9, 9, 2, 2)
     res = vl_simplenn(net, x, 1.0, [[1, 3]])
     assert res[-2].x.shape == (1, 1, 3, 2)
@@ -160,8 +166,6 @@ def test_convt_with_filters_smaller_than_the_upsampling(groups):
     """MatConvNet's transposed convolution gives (H-1)*s + FH rows; Keras' gives H*s rows
     when FH < s: the translation crops the extra ones (a 4x4 map upsampled by 2 through a
     1x1 filter is 7x7, not 8x8)."""
-    from harness.mcn.net import Layer, Net
-
     rng = np.random.RandomState(3)
     layers = [
         Layer(

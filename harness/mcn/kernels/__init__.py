@@ -2,6 +2,8 @@
 
 The public ops (harness.mcn.conv, harness.mcn.pool) own MatConvNet's definitions and
 argument checks and call in here for the work: ``conv_gemm`` (convolutions as BLAS
-products), ``pool_blocks`` (pooling split into cache-sized blocks among the cores) and
-``threads`` (the worker threads both share).
+products: the geometry, the thresholds and the choice of path among ``conv_rows``,
+``conv_columns`` and ``conv_direct``), ``blas`` (the BLAS's xGEMM, called without the
+GIL), ``pool_blocks`` (pooling split into cache-sized blocks among the cores) and
+``threads`` (the worker threads they share).
 """

@@ -1,0 +1,296 @@
+"""The tap-product path of harness.mcn.kernels.conv_gemm: column stride 1, inputs FC deep
+or more (``ConvGeometry.rows_path``).
+
+The input is copied once, padded, to a pixel-major layout (``_to_grid``): per filter
+group one ``(pixels*N) x FC`` matrix whose row ``(y*W' + x)*N + n`` holds pixel (y, x) of
+image n on a grid W' pixels wide. The pixels that filter tap (i, j) reads for a run of
+output pixels are then one contiguous block of rows, the run shifted by
+``i*DY*W' + j*DX`` pixels, and the layer is a sum over taps of ``(rows x FC) @ (FC x K/G)``
+products accumulated in place, with no column matrix (which copies the input FH*FW
+times). At row stride 1 the output is computed on the same W'-wide grid, the ``W' - Wo``
+extra pixels of each row computed and dropped, so that a block of output rows is one
+product per tap; otherwise (or when the extra pixels would be many) one product per
+output row and tap. The data derivative at stride 1 is the same sum over the output
+derivative padded by the dilated filter extent (minus the padding), with the filters
+turned by 180 degrees and transposed (when that padded grid is not much wider than the
+input); otherwise each input row gathers the output rows and taps that reach it. The
+filter derivative is, per tap, the shifted input block transposed times the derivative
+block, summed over parts of the rows whose partial sums are added in a fixed order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from harness.mcn.kernels import conv_gemm, threads
+from harness.mcn.kernels.blas import RowProducts
+
+if TYPE_CHECKING:
+    from harness.mcn.kernels.conv_gemm import Alloc, ConvGeometry, Derivatives
+
+__all__ = ["rows_backward", "rows_forward"]
+
+Task = Callable[[int], None]  # called with the index of the worker thread running it
+
+
+def _to_grid(
+    a: np.ndarray, pads: tuple[int, int, int, int], groups: int, slack: int, alloc: Alloc
+) -> tuple[np.ndarray, int, int]:
+    """``a`` (H x W x C x N) zero-padded by ``pads`` = (top, bottom, left, right) (a negative
+    pad crops) in the pixel-major layout: ``(G, (H'*W' + slack)*N, C/G)`` where row
+    ``(y*W' + x)*N + n`` of group q holds ``a_padded[y, x, q*C/G:(q+1)*C/G, n]``, followed by
+    ``slack`` pixels of zeros (which the last row's shifted blocks may read). Returns the
+    array, H' and W'. On the calling thread: sharing the copy among the cores gains little
+    (it runs at memory speed) and adds a wait for the slowest of them."""
+    h, w, c, n = a.shape
+    t, b, left, r = pads
+    hg, wg, cg = h + t + b, w + left + r, c // groups
+    flat = alloc((groups, (hg * wg + slack) * n, cg), a.dtype)
+    grid = flat[:, : hg * wg * n].reshape(groups, hg, wg, n, cg)
+    y0, y1, x0, x1 = max(t, 0), hg - max(b, 0), max(left, 0), wg - max(r, 0)
+    grid[:, :y0] = 0
+    grid[:, y1:] = 0
+    grid[:, y0:y1, :x0] = 0
+    grid[:, y0:y1, x1:] = 0
+    flat[:, hg * wg * n :] = 0
+    src = a[max(-t, 0) : h - max(-b, 0), max(-left, 0) : w - max(-r, 0)]
+    np.copyto(grid[:, y0:y1, x0:x1], src.reshape(y1 - y0, x1 - x0, groups, cg, n).transpose(2, 0, 1, 4, 3))
+    return flat, hg, wg
+
+
+def _taps_pass(
+    src: np.ndarray,
+    src_w: int,
+    n: int,
+    wt: np.ndarray,
+    sy: int,
+    offsets: list[int],
+    out_hw: tuple[int, int],
+    epilogue: Callable[[int, slice, np.ndarray], None],
+) -> list[Task]:
+    """The tasks of the sum over taps on the pixel-major layout, for each group q and output pixel
+    (oy, ox) below ``out_hw``::
+
+        out[oy, ox] = sum_t src[q, pixel oy*sy*src_w + ox + offsets[t]] @ wt[q, t]
+
+    in blocks of output rows; ``epilogue(q, rows, block)`` receives each block as a
+    ``(rows, src_w, N, cout)`` array whose first ``out_hw[1]`` columns hold the sums."""
+    groups, _, _, cout = wt.shape
+    out_h, out_w = out_hw
+    row = src_w * n  # matrix rows per output row
+    blocks = conv_gemm.row_blocks(out_h, row * cout * src.itemsize)
+    step = blocks[0].stop - blocks[0].start
+    # One product per tap for a whole block: at row stride 1, output pixel q*... of the
+    # src_w-wide grid reads src pixel (its index + offset); the extra columns are dropped.
+    whole = sy == 1 and step > 1 and src_w - out_w <= conv_gemm.FLAT_MAX_WASTE * src_w
+    scratch = conv_gemm.Scratch(step * row * cout, src.dtype)
+
+    def task(q: int, rows: slice, worker: int) -> None:
+        r = rows.stop - rows.start
+        buf = scratch.get(worker)[: r * row * cout].reshape(r * row, cout)
+        mm, a, w = RowProducts(src.dtype), src[q], [wt[q, k] for k in range(len(offsets))]
+        if whole:
+            for k, off in enumerate(offsets):
+                mm.nn(a, rows.start * row + off * n, w[k], buf, 0, r * row, float(k > 0))
+        else:
+            for i, oy in enumerate(range(rows.start, rows.stop)):
+                for k, off in enumerate(offsets):
+                    mm.nn(a, oy * sy * row + off * n, w[k], buf, i * row, out_w * n, float(k > 0))
+        epilogue(q, rows, buf.reshape(r, src_w, n, cout))
+
+    return [partial(task, q, rows) for q in range(groups) for rows in blocks]
+
+
+def _taps_filter_grad(
+    xs: np.ndarray,
+    xs_w: int,
+    dys: np.ndarray,
+    dys_w: int,
+    n: int,
+    sy: int,
+    offsets: list[int],
+    out_hw: tuple[int, int],
+) -> tuple[list[Task], Callable[[], np.ndarray]]:
+    """The tasks of, per group q and tap t::
+
+        sum_(oy, ox) xs[q, pixel oy*sy*xs_w + ox + offsets[t]]^T dys[q, pixel oy*dys_w + ox]
+
+    (grids ``xs_w`` and ``dys_w`` pixels wide), and the function that returns the sums,
+    ``(G, T, cin, cout)``, once they have run. When the grids have the same width, ``dys``
+    zero outside the output columns, and the row stride is 1, a run of output rows is one
+    product per tap. The output rows are cut into parts, each with its own partial sums,
+    added in order at the end."""
+    groups, _, cin = xs.shape
+    cout = dys.shape[2]
+    ho, wo = out_hw
+    whole = sy == 1 and xs_w == dys_w
+    taps = len(offsets)
+    blocks = conv_gemm.row_blocks(ho, xs_w * n * (cin + cout) * xs.itemsize)
+    parts = [
+        blocks[p.start : p.stop]
+        for p in conv_gemm.filter_parts(len(blocks), groups * taps * cin * cout * xs.itemsize)
+    ]
+    # Each task runs its taps over the blocks of its part in order, a block's rows staying
+    # in cache from one tap to the next; the taps are shared out when the parts are few.
+    tap_sets = conv_gemm.split_evenly(taps, -(-2 * conv_gemm.MIN_BLOCKS // (len(parts) * groups)))
+    sums = np.empty((len(parts), groups, taps, cin, cout), xs.dtype)
+
+    def task(p: int, q: int, ks: slice, worker: int) -> None:
+        mm, a, d = RowProducts(xs.dtype), xs[q], dys[q]
+        for b, rows in enumerate(parts[p]):
+            for k in range(ks.start, ks.stop):
+                off, out = offsets[k] * n, sums[p, q, k]
+                if whole:
+                    m, s = (rows.stop - rows.start) * xs_w * n, rows.start * xs_w * n
+                    mm.tn(a, s + off, d, s, m, out, float(b > 0))
+                    continue
+                for oy in range(rows.start, rows.stop):
+                    mm.tn(
+                        a,
+                        oy * sy * xs_w * n + off,
+                        d,
+                        oy * dys_w * n,
+                        wo * n,
+                        out,
+                        float(b > 0 or oy > rows.start),
+                    )
+
+    tasks = [partial(task, p, q, ks) for p in range(len(parts)) for q in range(groups) for ks in tap_sets]
+    return tasks, lambda: sums.sum(axis=0) if len(parts) > 1 else sums[0]
+
+
+def _taps_data_grad_rows(
+    dys: np.ndarray,
+    dys_w: int,
+    n: int,
+    wt: np.ndarray,
+    g: ConvGeometry,
+    in_hw: tuple[int, int],
+    dx: np.ndarray,
+) -> list[Task]:
+    """The tasks of the data derivative (column stride 1) into ``dx`` (H x W x C x N), row by
+    row: padded input row yp gathers ``dY[oy] @ F[i, j]^T``, shifted by ``j*DX`` pixels,
+    over the taps with ``oy*SY + i*DY = yp``; ``dys`` holds dY on a ``dys_w``-wide grid."""
+    (sy, _), (ddy, ddx) = g.stride, g.dilate
+    pt, _, pl, _ = g.pad
+    h, w = in_hw
+    wp = g.padded(in_hw)[1]
+    row, m = wp * n, g.wo * n
+    blocks = conv_gemm.row_blocks(h, row * g.fc * dx.itemsize)
+    step = blocks[0].stop - blocks[0].start
+    scratch = conv_gemm.Scratch(step * row * g.fc, dx.dtype)
+
+    def task(q: int, rows: slice, worker: int) -> None:
+        r = rows.stop - rows.start
+        buf = scratch.get(worker)[: r * row * g.fc].reshape(r * row, g.fc)
+        buf.fill(0)
+        mm, d, taps = RowProducts(dx.dtype), dys[q], [wt[q, k] for k in range(g.fh * g.fw)]
+        for y in range(rows.start, rows.stop):
+            for i in range(g.fh):
+                oy, rem = divmod(y + pt - i * ddy, sy)
+                if rem or not 0 <= oy < g.ho:
+                    continue
+                for j in range(g.fw):
+                    o0 = (y - rows.start) * row + j * ddx * n
+                    mm.nn(d, oy * dys_w * n, taps[i * g.fw + j], buf, o0, m, 1.0)
+        block = buf.reshape(r, wp, n, g.fc)[:, pl : pl + w].transpose(0, 1, 3, 2)
+        dx[rows, :, q * g.fc : (q + 1) * g.fc] = block
+
+    return [partial(task, q, rows) for q in range(g.groups) for rows in blocks]
+
+
+def _tap_filters(f: np.ndarray, g: ConvGeometry, *, transposed: bool, turned: bool = False) -> np.ndarray:
+    """The filter bank as ``(G, FH*FW, FC, K/G)`` tap matrices (``(G, FH*FW, K/G, FC)`` when
+    ``transposed``; taps in reverse order when ``turned``), contiguous."""
+    if turned:
+        f = f[::-1, ::-1]
+    t = f.reshape(g.fh * g.fw, g.fc, g.groups, g.kg)
+    return np.ascontiguousarray(t.transpose(2, 0, 3, 1) if transposed else t.transpose(2, 0, 1, 3))
+
+
+def _run(tasks: list[Task], workers: int) -> None:
+    """Run ``tasks`` (each given the worker index) on ``workers`` threads, in one go: the
+    fewer the waits for the last task, the less a busy machine costs."""
+    threads.run_tasks(lambda t, worker: tasks[t](worker), len(tasks), workers)
+
+
+def rows_forward(x: np.ndarray, f: np.ndarray, g: ConvGeometry, bias: np.ndarray | None) -> np.ndarray:
+    """``conv_forward`` for ``g.rows_path``: per group, Y = sum over taps (i, j) of the input
+    block shifted by the tap times F[i, j] (FC x K/G), on the pixel-major layout."""
+    n, dt = x.shape[3], x.dtype
+    (sy, _), (ddy, ddx) = g.stride, g.dilate
+    kg = g.kg
+    y = np.empty((g.ho, g.wo, g.k, n), dt)
+
+    def epilogue(q: int, rows: slice, block: np.ndarray) -> None:
+        ks, sums = slice(q * kg, (q + 1) * kg), block[:, : g.wo]
+        if bias is not None:  # added last, as MatConvNet does, while the block is in cache
+            np.add(sums, bias[ks], out=sums)
+        np.copyto(y[rows, :, ks], sums.transpose(0, 1, 3, 2))
+
+    with conv_gemm.workspace() as alloc, threads.blas_single_threaded() as single:
+        xs, _, wg = _to_grid(x, g.pad, g.groups, g.extent[1] - 1, alloc)
+        offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
+        wt = _tap_filters(f, g, transposed=False)
+        _run(
+            _taps_pass(xs, wg, n, wt, sy, offsets, (g.ho, g.wo), epilogue),
+            conv_gemm.workers(g.macs(n), single),
+        )
+    return y
+
+
+def rows_backward(
+    x: np.ndarray | None, dy: np.ndarray, f: np.ndarray, g: ConvGeometry, in_hw: tuple[int, int], data: bool
+) -> Derivatives:
+    """``conv_backward`` for ``g.rows_path``: the data derivative (if ``data``) and the filter
+    derivative (if ``x`` is given) as tap products on the pixel-major layout, all their
+    blocks in one batch of tasks."""
+    n, dt = dy.shape[3], dy.dtype
+    (sy, _), (ddy, ddx) = g.stride, g.dilate
+    pt, pb, pl, pr = g.pad
+    (eh, ew), wp = g.extent, g.padded(in_hw)[1]
+    dx = dys = finish = None
+    tasks: list[Task] = []
+    if data:
+        dx = np.empty((*in_hw, g.fc * g.groups, n), dt)
+    # dX as one correlation (below) at row stride 1 when its grid wastes little; else row
+    # by row. dF in runs of whole rows when the input grid wastes little; else row by row.
+    turned = data and sy == 1 and ew - 1 <= conv_gemm.FLAT_MAX_WASTE * (in_hw[1] + ew - 1)
+    whole_df = x is not None and sy == 1 and wp - g.wo <= conv_gemm.FLAT_MAX_WASTE * wp
+    with conv_gemm.workspace() as alloc, threads.blas_single_threaded() as single:
+        if turned:
+            # dX = the correlation of dY, padded by the filter's reach minus the padding,
+            # with the filters turned by 180 degrees and transposed (K/G x FC per tap).
+            pads = (eh - 1 - pt, eh - 1 - pb, ew - 1 - pl, ew - 1 - pr)
+            dyp, _, wq = _to_grid(dy, pads, g.groups, ew - 1, alloc)
+
+            def epilogue(q: int, rows: slice, block: np.ndarray) -> None:
+                np.copyto(dx[rows, :, q * g.fc : (q + 1) * g.fc], block[:, : in_hw[1]].transpose(0, 1, 3, 2))
+
+            offsets = [i * ddy * wq + j * ddx for i, j in g.taps()]
+            wr = _tap_filters(f, g, transposed=True, turned=True)
+            tasks += _taps_pass(dyp, wq, n, wr, 1, offsets, in_hw, epilogue)
+            if wq == wp and min(pads) >= 0:
+                # The same array, shifted, is dY on the padded input's grid, zero outside
+                # the output columns: what the filter derivative reads.
+                dys, dys_w = dyp[:, (pads[0] * wq + pads[2]) * n :], wq
+        if dys is None and (x is not None or data and not turned):
+            dys_w = wp if whole_df else g.wo
+            dys = _to_grid(dy, (0, 0, 0, dys_w - g.wo), g.groups, 0, alloc)[0]
+        if data and not turned:
+            tasks += _taps_data_grad_rows(dys, dys_w, n, _tap_filters(f, g, transposed=True), g, in_hw, dx)
+        if x is not None:
+            xs, _, wg = _to_grid(x, g.pad, g.groups, ew - 1, alloc)
+            offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
+            df_tasks, finish = _taps_filter_grad(xs, wg, dys, dys_w, n, sy, offsets, (g.ho, g.wo))
+            tasks = df_tasks + tasks  # the longer tasks first, the short ones balance the end
+        _run(tasks, conv_gemm.workers(g.macs(n) * (data + (x is not None)), single))
+    df = None
+    if finish is not None:
+        df = finish().reshape(g.groups, g.fh, g.fw, g.fc, g.kg).transpose(1, 2, 3, 0, 4)
+        df = df.reshape(g.fh, g.fw, g.fc, g.k)
+    return dx, df

@@ -189,11 +189,13 @@ def model_upto(net: Net, model: keras.Model, mapping: dict[str, list[str]] | Non
 
 def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_size) -> CheckResult:
     """``check`` of a DagNN network (``equivalence.dag_run.compare_dag``): a probe batch of
-    ``batch`` random images (the model's input size, else ``input_size``, else 32 x 32 and
-    the depth of the filters reading the input) and random labels for its Loss layers.
+    ``batch`` random images per data input (the size of the model's input for it, else
+    ``input_size``, else 32 x 32 and the depth of the filters reading the input) and random
+    labels for its Loss layers.
     Static findings and cause probes are simplenn-only so far."""
     import numpy as np
 
+    from harness.equivalence.dag_feed import declared_shapes
     from harness.equivalence.dag_run import compare_dag
     from harness.io.specs import InputError
     from harness.mcn.geometry import DEFAULT_SPATIAL
@@ -204,10 +206,10 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
     label_vars = list(dict.fromkeys(l.inputs[1] for l in losses))
     rng = np.random.RandomState(seed)
     if x is None:
-        shapes = [tuple(t.shape[1:]) for t in (getattr(model, "inputs", None) or [])]
+        shapes = declared_shapes(model, names)  # the model's input named after the var, else in its place
         inputs = {}
-        for k, name in enumerate(names):
-            shape = shapes[k] if k < len(shapes) else (None, None, None)
+        for name in names:
+            shape = shapes.get(name, (None, None, None))
             if None in shape:
                 depth = shape[2] if len(shape) == 3 and shape[2] is not None else _dag_depth(net, name)
                 shape = (

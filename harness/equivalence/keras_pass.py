@@ -75,9 +75,17 @@ def keras_batch_loss(final, labels: np.ndarray, n: int, dialect: str, probabilit
 class KerasSide:
     """The observed call as the rows and the blame read it: every capture as a float64
     array, its derivative, the parameter derivatives by pair index, and which Keras
-    layers the structural alignment pairs with each MatConvNet layer."""
+    layers the structural alignment pairs with each MatConvNet layer (none without an
+    ``alignment``: a DagNN comparison pairs by layer name)."""
 
-    def __init__(self, obs, variables: dict, alignment: Alignment, has_loss: bool, probabilities: bool):
+    def __init__(
+        self,
+        obs,
+        variables: dict | None = None,
+        alignment: Alignment | None = None,
+        has_loss: bool = False,
+        probabilities: bool = False,
+    ):
         self.obs = obs
         self.values = [np.asarray(c.tensor.numpy(), dtype=np.float64) for c in obs.captures]
         self.labels = [c.label for c in obs.captures]
@@ -91,25 +99,29 @@ class KerasSide:
         # the leaf Keras layer a capture was computed inside (None: a layer's or the model's own)
         self.inside = [c.inside for c in obs.captures]
         self.grads = obs.grads
-        self.param_grads = {i: [obs.weight_grads.get(id(v)) for v in vs] for i, vs in variables.items()}
-        self.output = np.asarray(obs.output.numpy(), dtype=np.float64)
+        self.param_grads = {
+            i: [obs.weight_grads.get(id(v)) for v in vs] for i, vs in (variables or {}).items()
+        }
+        # the model's outputs (one, but for a DagNN net of several) and the captures naming them
+        outs = obs.outputs or [obs.output]
+        self.outputs = [np.asarray(o.numpy(), dtype=np.float64) for o in outs]
+        self.output_labels = [
+            next((c.label for c in obs.captures if c.tensor is o), getattr(o, "name", "output")) for o in outs
+        ]
+        self.output, self.output_label = self.outputs[0], self.output_labels[0]
         self.loss = float(np.asarray(obs.loss.numpy()))
         self.has_loss = has_loss
         self.probabilities = probabilities
         # each MatConvNet layer's own Keras run, and every Keras layer the structure pairs
-        extra = [
-            {n for n in pair.keras if f"extra Keras layer {n}" in pair.notes} for pair in alignment.pairs
-        ]
-        self.runs = [set(pair.keras) - e for pair, e in zip(alignment.pairs, extra, strict=True)]
+        pairs = alignment.pairs if alignment is not None else []
+        extra = [{n for n in pair.keras if f"extra Keras layer {n}" in pair.notes} for pair in pairs]
+        self.runs = [set(pair.keras) - e for pair, e in zip(pairs, extra, strict=True)]
         self.paired = {
             name
-            for pair, run in zip(alignment.pairs, self.runs, strict=True)
+            for pair, run in zip(pairs, self.runs, strict=True)
             if pair.type not in LOSS_TYPES
             for name in run
         }
-        self.output_label = next(
-            (c.label for c in obs.captures if c.tensor is obs.output), getattr(obs.output, "name", "output")
-        )
 
     def in_mcn_layout(self, match: Match, hwc: tuple) -> tuple[np.ndarray, np.ndarray | None]:
         """The matched tensor and its derivative as H x W x C x N (a tensor of another shape

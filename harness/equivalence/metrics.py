@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Measure", "measure", "nonfinite_summary"]
+__all__ = ["Measure", "measure", "nonfinite_summary", "nonfinite_weights"]
 
 
 @dataclass
@@ -104,3 +104,13 @@ def nonfinite_summary(values, name: str) -> str | None:
     inf = int(bad.sum()) - nan
     first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
     return f"{name} holds {nan} NaN, {inf} Inf (first at index {first})"
+
+
+def nonfinite_weights(model) -> list[str]:
+    """``nonfinite_summary`` of every variable of the Keras ``model`` that holds NaN or Inf."""
+    out = []
+    for v in model.weights:
+        text = nonfinite_summary(np.asarray(v.numpy()), f"Keras variable '{getattr(v, 'path', v.name)}'")
+        if text:
+            out.append(text)
+    return out

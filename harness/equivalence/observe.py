@@ -1,7 +1,9 @@
 """Observe the user's real Keras call: every tensor it computes, and its derivatives.
 
 The model is called as the user calls it, ``model(x, training=...)``, never rebuilt or
-chained layer by layer. During that one call:
+chained layer by layer (a model of several inputs with the list of them, in its input
+order; with ``several_outputs`` it may return a list of outputs, which the loss gets).
+During that one call:
 
 - ``keras.src.ops.operation.Operation.__call__`` is wrapped: every Keras layer and
   Keras operation call at any depth (Sequential, functional graphs, layers inside a
@@ -72,11 +74,13 @@ class Capture:
 class Observation:
     """What one observed call computed."""
 
-    output: Any  # the model's own output tensor
+    output: Any  # the model's own output tensor (its first, with several)
     loss: Any  # the scalar the derivatives are taken of
     captures: list[Capture]
     leaves: list  # the Keras layers and operations that computed something, in call order
-    input_grad: np.ndarray | None = None  # d loss / d x (NHWC)
+    input_grad: np.ndarray | None = None  # d loss / d x (NHWC; the first input's, with several)
+    input_grads: list[np.ndarray | None] = field(default_factory=list)  # per input, in call order
+    outputs: list = field(default_factory=list)  # every output tensor, in the model's order
     grads: list[np.ndarray | None] = field(default_factory=list)  # per capture
     weight_grads: dict[int, np.ndarray | None] = field(default_factory=dict)  # id(variable) -> grad
     notes: list[str] = field(default_factory=list)
@@ -260,27 +264,33 @@ class _Hooks:
         return False
 
 
-def _input_dtype(model) -> str:
-    inputs = getattr(model, "inputs", None)
-    if inputs:
-        return str(inputs[0].dtype)
-    policy = getattr(model, "compute_dtype", None) or "float32"
-    return str(policy)
-
-
-def _single_output(out, name: str):
+def _inputs(model, x_nhwc) -> tuple[list, Any]:
+    """The input tensors of one call (each in its model input's dtype) and the argument the
+    model is called with: one tensor for an array, the list of them for a list of arrays."""
     import tensorflow as tf
 
-    if isinstance(out, dict | list | tuple):
-        values = list(out.values()) if isinstance(out, dict) else list(out)
-        if len(values) != 1:
-            raise McnError(
-                f"Expected a model with one output. Received '{name}' returning {len(values)} outputs"
-            )
-        out = values[0]
-    if not isinstance(out, tf.Tensor):
-        raise McnError(f"Expected model '{name}' to return a tensor. Received {type(out).__name__}")
-    return out
+    several = isinstance(x_nhwc, list | tuple)
+    xs = list(x_nhwc) if several else [x_nhwc]
+    declared = getattr(model, "inputs", None) or []
+    policy = str(getattr(model, "compute_dtype", None) or "float32")
+    dtypes = [str(declared[k].dtype) if k < len(declared) else policy for k in range(len(xs))]
+    tensors = [tf.convert_to_tensor(np.asarray(x, dtype=d)) for x, d in zip(xs, dtypes, strict=True)]
+    return tensors, (tensors if several else tensors[0])
+
+
+def _outputs(out, name: str, several: bool) -> list:
+    """The model's output tensors: exactly one unless ``several``."""
+    import tensorflow as tf
+
+    values = (
+        list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, list | tuple) else [out]
+    )
+    if len(values) != 1 and not (several and values):
+        raise McnError(f"Expected a model with one output. Received '{name}' returning {len(values)} outputs")
+    for value in values:
+        if not isinstance(value, tf.Tensor):
+            raise McnError(f"Expected model '{name}' to return a tensor. Received {type(value).__name__}")
+    return values
 
 
 @dataclass
@@ -290,33 +300,35 @@ class Discovery:
     leaves: list  # the Keras layers and operations that compute something, in call order
     output_op: str  # the TensorFlow op that made the output ("Softmax", "BiasAdd", ...)
     eager: bool  # whether observing may run every tf.function eagerly
+    outputs: int = 1  # how many outputs the model returns
 
 
-def discover(model, x_nhwc: np.ndarray, *, training: bool = False) -> Discovery:
-    """One forward call of ``model`` on ``x_nhwc``: the Keras layers and operations it
-    calls that compute something themselves (no Keras layer inside), in call order, which
-    is what a structural alignment pairs with the net's layers whatever the model's
-    style; and the op that made its output."""
-    import tensorflow as tf
-
-    recorder = _Recorder(int(x_nhwc.shape[0]), None)
-    x = tf.convert_to_tensor(np.asarray(x_nhwc, dtype=_input_dtype(model)))
-    recorder.watch(x)
+def discover(model, x_nhwc, *, training: bool = False, several_outputs: bool = False) -> Discovery:
+    """One forward call of ``model`` on ``x_nhwc`` (an array, or a list of arrays for a
+    model of several inputs): the Keras layers and operations it calls that compute
+    something themselves (no Keras layer inside), in call order, which is what a
+    structural alignment pairs with the net's layers whatever the model's style; and the
+    op that made its (first) output."""
+    inputs, arg = _inputs(model, x_nhwc)
+    recorder = _Recorder(int(inputs[0].shape[0]), None)
+    for x in inputs:
+        recorder.watch(x)
     frozen = [(v, np.array(v.numpy())) for v in model.non_trainable_variables]
     name = getattr(model, "name", type(model).__name__)
     try:
         with _Hooks(recorder):
-            out = _single_output(model(x, training=training), name)
+            outs = _outputs(model(arg, training=training), name, several_outputs)
     finally:
         for v, value in frozen:
             v.assign(value)
-    made = recorder.by_id.get(id(out))
+    made = recorder.by_id.get(id(outs[0])) if outs else None
     return Discovery(
         leaves=recorder.leaves,
         output_op=made.op_type if made is not None else "",
         # TensorFlow computes a grouped convolution's input derivative on the CPU only
         # through Keras' XLA-compiled function, which eager execution would bypass
         eager=not any(getattr(layer, "groups", 1) > 1 for layer in recorder.leaves),
+        outputs=len(outs),
     )
 
 
@@ -327,19 +339,22 @@ def called_layers(model, x_nhwc: np.ndarray, *, training: bool = False) -> list:
 
 def observe(
     model,
-    x_nhwc: np.ndarray,
+    x_nhwc,
     *,
     training: bool,
     loss: Callable[[Any], Any],
     masks: list[np.ndarray] | None = None,
     weights: list | None = None,
     eager: bool | None = None,
+    several_outputs: bool = False,
 ) -> Observation:
-    """Call ``model`` on ``x_nhwc`` (N x H x W x C) as the user does and record every
+    """Call ``model`` on ``x_nhwc`` (N x H x W x C; a list of such arrays, in the model's
+    input order, for a model of several inputs) as the user does and record every
     tensor it computes; ``loss(output)`` gives the scalar whose derivatives are taken
-    with respect to the input, every capture and ``weights`` (Keras variables).
-    Variables the call changes (BatchNormalization's moving statistics, dropout seed
-    state) are put back.
+    with respect to the inputs, every capture and ``weights`` (Keras variables); with
+    ``several_outputs`` the model may return a list of outputs, and ``loss`` gets that
+    list. Variables the call changes (BatchNormalization's moving statistics, dropout
+    seed state) are put back.
 
     ``eager`` runs every ``tf.function`` eagerly so that its inside is seen (default:
     unless the model has grouped convolutions, whose input derivative TensorFlow computes
@@ -348,22 +363,24 @@ def observe(
     import tensorflow as tf
 
     if eager is None:
-        eager = discover(model, x_nhwc, training=training).eager
+        eager = discover(model, x_nhwc, training=training, several_outputs=several_outputs).eager
 
     name = getattr(model, "name", type(model).__name__)
-    recorder = _Recorder(int(x_nhwc.shape[0]), masks)
-    x = tf.convert_to_tensor(np.asarray(x_nhwc, dtype=_input_dtype(model)))
-    recorder.watch(x)
+    inputs, arg = _inputs(model, x_nhwc)
+    recorder = _Recorder(int(inputs[0].shape[0]), masks)
+    for x in inputs:
+        recorder.watch(x)
     weights = list(weights or [])
     frozen = [(v, np.array(v.numpy())) for v in model.non_trainable_variables]
     try:
         with tf.GradientTape() as tape:
-            tape.watch(x)
+            for x in inputs:
+                tape.watch(x)
             with _Hooks(recorder, eager):
-                out = _single_output(model(x, training=training), name)
-            total = loss(out)
+                outs = _outputs(model(arg, training=training), name, several_outputs)
+            total = loss(outs if several_outputs else outs[0])
         tensors = [c.tensor for c in recorder.captures]
-        grads = tape.gradient(total, [x, *tensors, *weights])
+        grads = tape.gradient(total, [*inputs, *tensors, *weights])
     finally:
         for v, value in frozen:
             v.assign(value)
@@ -373,19 +390,22 @@ def observe(
             f"{len(recorder.masks)} MatConvNet dropout mask(s) were not used: the model calls fewer "
             "Dropout layers in training mode"
         )
-    n = len(tensors)
+    k, n = len(inputs), len(tensors)
 
     def value(g):
         return None if g is None else np.asarray(g.numpy() if hasattr(g, "numpy") else g)
 
+    input_grads = [value(g) for g in grads[:k]]
     return Observation(
-        output=out,
+        output=outs[0],
         loss=total,
         captures=recorder.captures,
         leaves=recorder.leaves,
-        input_grad=value(grads[0]),
-        grads=[value(g) for g in grads[1 : 1 + n]],
-        weight_grads={id(v): value(g) for v, g in zip(weights, grads[1 + n :], strict=True)},
+        input_grad=input_grads[0],
+        input_grads=input_grads,
+        outputs=outs,
+        grads=[value(g) for g in grads[k : k + n]],
+        weight_grads={id(v): value(g) for v, g in zip(weights, grads[k + n :], strict=True)},
         notes=recorder.notes,
         parents=recorder.parents,
     )

@@ -10,10 +10,11 @@ copied to float64 first (``float64_copy``), in whatever style it is written:
 - subclassed models: ``type(model).from_config(config)`` built under float64 defaults;
 
 then the weights are copied, and the copy must reproduce the original model's output on
-the batch within float32 tolerance. When any step fails (a TensorFlow op without a
-float64 kernel such as ``tf.nn.local_response_normalization``, a constructor that cannot
-be serialised, a copy that computes something else), the model is compared in its own
-dtype at float32 tolerance, with a note that says why; never a crash.
+the batch (each output of a model of several) within float32 tolerance. When any step
+fails (a TensorFlow op without a float64 kernel such as
+``tf.nn.local_response_normalization``, a constructor that cannot be serialised, a copy
+that computes something else), the model is compared in its own dtype at float32
+tolerance, with a note that says why; never a crash.
 
 Even in float64 a port may hold constants rounded to float32 (TensorFlow's LeakyRelu
 stores its slope as a 32-bit float; a port's own weight transfer stores float32 values).
@@ -32,7 +33,7 @@ from harness.mcn.net import Net
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-__all__ = ["float64_copy", "model_dtype", "rounded_reference_net"]
+__all__ = ["comparison_model", "float64_copy", "model_dtype", "rounded_reference_net"]
 
 # how close the float64 copy must be to the float32 model (normwise, on the output)
 COPY_TOLERANCE = 1e-4
@@ -96,53 +97,92 @@ def _clone_layer(layer):
     return layer.__class__.from_config(config)
 
 
-def _copy(model, x64: np.ndarray):
+def _copy(model, x64):
     import keras
     from keras.src.models.functional import Functional
 
+    several = isinstance(x64, list)
+    head = [x[:1] for x in x64] if several else x64[:1]
     if isinstance(model, keras.Sequential | Functional):
-        shape = tuple(model.inputs[0].shape[1:])
+        inputs = [keras.Input(tuple(t.shape[1:]), dtype="float64") for t in model.inputs]
         with _Float64():
             copy = keras.models.clone_model(
-                model, clone_function=_clone_layer, input_tensors=keras.Input(shape, dtype="float64")
+                model, clone_function=_clone_layer, input_tensors=inputs if several else inputs[0]
             )
-            copy(x64[:1])  # builds every layer, or raises what stops float64 (an op without a kernel)
+            copy(head)  # builds every layer, or raises what stops float64 (an op without a kernel)
     else:
         config = {k: v for k, v in model.get_config().items() if k != "dtype"}
         with _Float64():
             copy = type(model).from_config(config)
-            copy(x64[:1])
+            copy(head)
     copy.set_weights([np.asarray(w, dtype=np.float64) for w in model.get_weights()])
     if model_dtype(copy) != "float64":
         raise TypeError("some of its layers still compute in float32 after copying")
     return copy
 
 
-def float64_copy(model: keras.Model, x_nhwc: np.ndarray) -> tuple[keras.Model | None, str]:
-    """``(copy, "")``: a float64 copy of ``model`` that reproduces its output on
-    ``x_nhwc``; or ``(None, why)`` when there is none."""
+def _arrays(out) -> list[np.ndarray]:
+    """A model's output (a tensor, or a list or dict of them) as float64 arrays."""
+    values = (
+        list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, list | tuple) else [out]
+    )
+    return [np.asarray(v, dtype=np.float64) for v in values]
+
+
+def float64_copy(model: keras.Model, x_nhwc) -> tuple[keras.Model | None, str]:
+    """``(copy, "")``: a float64 copy of ``model`` that reproduces its output (every one
+    of its outputs) on ``x_nhwc`` (an array, or a list of arrays for a model of several
+    inputs); or ``(None, why)`` when there is none."""
     if model_dtype(model) == "float64":
         return model, ""
-    x64 = np.asarray(x_nhwc, dtype=np.float64)
+    several = isinstance(x_nhwc, list | tuple)
+    xs = list(x_nhwc) if several else [x_nhwc]
+    x64 = [np.asarray(x, dtype=np.float64) for x in xs]
+    x32 = [np.asarray(x, dtype=np.float32) for x in xs]
     try:
-        copy = _copy(model, x64)
-        got = np.asarray(copy(x64, training=False), dtype=np.float64)
-        want = np.asarray(model(np.asarray(x_nhwc, dtype=np.float32), training=False), dtype=np.float64)
+        copy = _copy(model, x64 if several else x64[0])
+        gots = _arrays(copy(x64 if several else x64[0], training=False))
+        wants = _arrays(model(x32 if several else x32[0], training=False))
     except Exception as err:  # any failure of the copy means: compare in the model's own dtype
         return None, _reason(err)
-    if got.shape != want.shape:
-        return None, f"the float64 copy's output has shape {got.shape}, the model's {want.shape}"
-    # a model that computes NaN or Inf (a non-finite weight) is reproduced when the copy
-    # computes them at the same places: the comparison then reports them
-    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
-        return None, "the float64 copy's output is not finite where the model's is, or the reverse"
-    finite = np.isfinite(want)
-    got, want = got[finite], want[finite]
-    scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-300)
-    rel = float(np.max(np.abs(got - want), initial=0.0)) / scale
-    if not np.isfinite(rel) or rel > COPY_TOLERANCE:
-        return None, f"the float64 copy does not reproduce the model's output (relative difference {rel:.2e})"
+    if len(gots) != len(wants):
+        return None, f"the float64 copy returns {len(gots)} outputs, the model {len(wants)}"
+    for got, want in zip(gots, wants, strict=True):
+        if got.shape != want.shape:
+            return None, f"the float64 copy's output has shape {got.shape}, the model's {want.shape}"
+        # a model that computes NaN or Inf (a non-finite weight) is reproduced when the copy
+        # computes them at the same places: the comparison then reports them
+        if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+            return None, "the float64 copy's output is not finite where the model's is, or the reverse"
+        finite = np.isfinite(want)
+        got, want = got[finite], want[finite]
+        scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-300)
+        rel = float(np.max(np.abs(got - want), initial=0.0)) / scale
+        if not np.isfinite(rel) or rel > COPY_TOLERANCE:
+            return (
+                None,
+                f"the float64 copy does not reproduce the model's output (relative difference {rel:.2e})",
+            )
     return copy, ""
+
+
+def comparison_model(model: keras.Model, x_nhwc, dtype: str) -> tuple[keras.Model, str, list[str]]:
+    """``(model to run, dtype it runs in, notes)`` for a comparison asked in ``dtype``: in
+    float64 the float64 copy of ``model`` (``float64_copy``), or the model itself in
+    float32 with a note saying why it could not be copied; in float32 the model itself."""
+    if dtype != "float64":
+        return model, dtype, []
+    copy, why = float64_copy(model, x_nhwc)
+    if copy is None:
+        return (
+            model,
+            "float32",
+            [
+                f"compared in float32, the model's own precision, at float32 tolerance: it could not be "
+                f"copied to float64 ({why})"
+            ],
+        )
+    return copy, dtype, []
 
 
 def _reason(err: Exception) -> str:

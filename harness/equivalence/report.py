@@ -44,12 +44,23 @@ layout and in Keras' ``N x H x W x C`` layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from harness.io.text import json_dumps
 from harness.io.text import safe_text as _text
 
-__all__ = ["LIMITATIONS", "Divergence", "Limitation", "Report", "Row"]
+__all__ = [
+    "LIMITATIONS",
+    "Divergence",
+    "Limitation",
+    "Report",
+    "Row",
+    "row_table",
+    "text_tail",
+    "verdict_reasons",
+]
 
 SCHEMA = "mcn-harness/report/4"
 
@@ -151,6 +162,53 @@ def text_tail(notes: list, limitations: list) -> list[str]:
     return [f"note: {_text(n)}" for n in notes] + [f"limitation: {_text(n)}" for n in limitations]
 
 
+def row_table(
+    rows: list,
+    *,
+    keras_width: int = 22,
+    tensor_width: int = 8,
+    tensor_cut: int | None = None,
+    extra: tuple[str, Callable[[Any], str]] | None = None,
+) -> list[str]:
+    """The text table of ``rows``: a header, a rule and one line per row (layer, Keras
+    name, tensor, status, mismatches, max abs, max rel, then ``extra``'s column if given
+    (its heading and the text of a row), then the worst element and the note). Names are
+    cut to their columns (the tensor name at ``tensor_cut``) and made safe."""
+    kw, tw = keras_width, tensor_width
+    more = f" {extra[0]:>9}" if extra else ""
+    header = (
+        f"{'layer':<14} {'keras':<{kw}} {'tensor':<{tw}} {'status':<6} {'mismatch':>13} "
+        f"{'max abs':>9} {'max rel':>9}{more}  worst (mcn idx: ref / keras)"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        tensor = _text(r.tensor)[:tensor_cut]
+        more = f" {extra[1](r):>9}" if extra else ""
+        lines.append(
+            f"{_text(r.layer)[:14]:<14} {_text(r.keras)[:kw]:<{kw}} {tensor:<{tw}} {r.status:<6} "
+            f"{f'{r.mismatches}/{r.numel}':>13} {r.max_abs:>9.2e} {r.max_rel:>9.2e}{more}  {r.detail()}"
+        )
+    return lines
+
+
+def verdict_reasons(report: Report, esc: Callable[[Any], str], quote: str = "'") -> list[tuple[str, str]]:
+    """``(label, text)`` of what makes a report divergent: the first divergence (its names
+    in ``quote``), the alignment problems and the problems, every name through ``esc``."""
+    out = []
+    fd = report.first_divergence
+    if fd:
+        q = quote
+        out.append(
+            (
+                "first divergence",
+                f"layer {q}{esc(fd.culprit)}{q} ({esc(fd.tensor)} of {q}{esc(fd.layer)}{q} "
+                f"vs Keras {q}{esc(fd.keras)}{q})",
+            )
+        )
+    out += [("alignment", esc(p)) for p in report.alignment_problems]
+    return out + [("problem", esc(p)) for p in report.problems]
+
+
 @dataclass
 class Report:
     rows: list[Row]
@@ -199,31 +257,10 @@ class Report:
             f"({self.dtype}, mode {self.mode}, dialect {self.dialect})",
             f"loss convention: {self.convention}",
         ]
-        if self.first_divergence:
-            fd = self.first_divergence
-            lines.append(
-                f"first divergence: layer '{_text(fd.culprit)}' ({_text(fd.tensor)} of "
-                f"'{_text(fd.layer)}' vs Keras '{_text(fd.keras)}')"
-            )
-        for p in self.alignment_problems:
-            lines.append(f"alignment: {_text(p)}")
-        for p in self.problems:
-            lines.append(f"problem: {_text(p)}")
+        lines += [f"{label}: {text}" for label, text in verdict_reasons(self, _text)]
         for p in self.hints:
             lines.append(f"hint: {_text(p)}")
-        header = (
-            f"{'layer':<14} {'keras':<22} {'tensor':<8} {'status':<6} {'mismatch':>13} "
-            f"{'max abs':>9} {'max rel':>9}  worst (mcn idx: ref / keras)"
-        )
-        lines += [header, "-" * len(header)]
-        for r in self.rows:
-            status = r.status
-            mism = f"{r.mismatches}/{r.numel}"
-            lines.append(
-                f"{_text(r.layer)[:14]:<14} {_text(r.keras)[:22]:<22} {_text(r.tensor):<8} {status:<6} "
-                f"{mism:>13} "
-                f"{r.max_abs:>9.2e} {r.max_rel:>9.2e}  {r.detail()}"
-            )
+        lines += row_table(self.rows)
         lines += text_tail(self.notes, self.limitations)
         return "\n".join(lines)
 
@@ -306,16 +343,9 @@ def to_html(report: Report, findings: list | None = None, title: str = "mcn-harn
         f"<p>{e(report.dtype)}, mode {e(report.mode)}, "
         f"dialect {e(report.dialect)}. Loss convention: {e(report.convention)}</p>",
     ]
-    if report.first_divergence:
-        fd = report.first_divergence
-        body.append(
-            f"<p><b>First divergence:</b> layer {e(fd.culprit)} ({e(fd.tensor)} of {e(fd.layer)} "
-            f"vs Keras {e(fd.keras)})</p>"
-        )
-    for p in report.alignment_problems:
-        body.append(f"<p>Alignment: {e(p)}</p>")
-    for p in report.problems:
-        body.append(f"<p>Problem: {e(p)}</p>")
+    for label, text in verdict_reasons(report, e, quote=""):
+        head_of = f"<b>{label.capitalize()}:</b>" if label == "first divergence" else f"{label.capitalize()}:"
+        body.append(f"<p>{head_of} {text}</p>")
     if findings:
         body.append(
             "<h2>Findings</h2><table><tr><th>kind</th><th>layer</th><th>Keras</th><th>MatConvNet</th>"

@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     from harness.mcn.simplenn import Res
     from harness.translate.weights import WeightMap
 
-__all__ = ["bias_scale", "build_rows", "filter_scale", "gain_scale", "measure_row"]
+__all__ = [
+    "bias_scale",
+    "build_rows",
+    "extra_layer_row",
+    "filter_scale",
+    "gain_scale",
+    "match_note",
+    "measure_row",
+    "own_output",
+]
 
 
 def measure_row(
@@ -163,7 +172,7 @@ def build_rows(
         if match.capture is not None:
             got, grad = side.in_mcn_layout(match, hwc)
             klabel = side.labels[match.capture]
-        note = _match_note(match, side.labels)
+        note = match_note(match)
         x_row = measure_row(
             **this, keras=klabel, tensor="x", ref=res[idx + 1].x, got=got, tolerance=tol.forward, note=note
         )
@@ -215,32 +224,41 @@ def _extra_layer_rows(
             continue
         if side.labels[c] in side.paired:
             continue  # the Keras layer the structure pairs with a MatConvNet layer
-        m = measure(side.values[a], side.values[c], tol.forward)
-        what = "changes this output"
-        ga, gc = side.grads[a], side.grads[c]
-        finite = ga is not None and gc is not None and np.all(np.isfinite(ga)) and np.all(np.isfinite(gc))
-        if m.ok and finite:
-            # the same values, but not the same derivative through it (a ReLU at zeros)
-            m = measure(side.grads[c], side.grads[a], tol.backward)
-            what = "passes a different derivative through this output"
-        if m.ok:
-            continue
-        rows.append(
-            Row(
-                **this,
-                keras=side.labels[c],
-                tensor="x+",
-                ok=False,
-                numel=m.numel,
-                mismatches=m.mismatches,
-                max_abs=m.max_abs,
-                max_rel=m.max_rel,
-                tolerance=tol.forward,
-                note=f"Keras layer '{side.labels[c]}' ({side.op_types[c]}) {what} before the next layer "
-                "reads it; MatConvNet has no such layer",
-            )
-        )
+        row = extra_layer_row(side, a, c, tol, this, noun="output", net="MatConvNet")
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def extra_layer_row(
+    side: KerasSide, a: int, c: int, tol: Tolerance, this: dict, *, noun: str, net: str
+) -> Row | None:
+    """The ``x+`` Row of capture ``c``, a Keras layer computed from capture ``a`` that has
+    no counterpart in the ``net``: what it changes in the value, else (the same values)
+    in the derivative passing through it (a ReLU at zeros; finite derivatives only);
+    None when it changes neither."""
+    m = measure(side.values[a], side.values[c], tol.forward)
+    what = f"changes this {noun}"
+    ga, gc = side.grads[a], side.grads[c]
+    finite = ga is not None and gc is not None and np.all(np.isfinite(ga)) and np.all(np.isfinite(gc))
+    if m.ok and finite:
+        m = measure(gc, ga, tol.backward)
+        what = f"passes a different derivative through this {noun}"
+    if m.ok:
+        return None
+    return Row(
+        **this,
+        keras=side.labels[c],
+        tensor="x+",
+        ok=False,
+        numel=m.numel,
+        mismatches=m.mismatches,
+        max_abs=m.max_abs,
+        max_rel=m.max_rel,
+        tolerance=tol.forward,
+        note=f"Keras layer '{side.labels[c]}' ({side.op_types[c]}) {what} before the next layer "
+        f"reads it; {net} has no such layer",
+    )
 
 
 def _downstream_scales(res: list[Res], has_loss: bool = True) -> list[float]:
@@ -326,7 +344,9 @@ def _explain(row: Row, ref, got, tolerance: float, scale: float = 0.0) -> None:
         row.limitation = LIMITATIONS["float32-rounding"].text
 
 
-def _match_note(match: Match, labels: list[str]) -> str:
+def match_note(match: Match) -> str:
+    """How ``match`` was made, for a row's note: the layout Keras holds the tensor in; for
+    a tensor no capture reproduces, why, and what Keras computed since the last match."""
     parts = []
     if match.layout:
         parts.append(f"Keras holds it {match.layout}")
@@ -359,13 +379,7 @@ def _output_rows(net: Net, res: list[Res], side: KerasSide, tol: Tolerance, alt)
         ref = as_4d(res[-1].x)
         alt_ref = None if alt is None else as_4d(alt[-1].x)
     this = {"layer": layer.name, "type": layer.type}
-    hwc = tuple(ref.shape[:3])
-    # the loss reads the output as N x H x W x K (or N x K): no other layout is the model's
-    match = match_outputs([ref], [side.output], [side.output_label], tol.forward, layouts="own")[0]
-    got = None
-    if match.capture is not None:
-        got = to_hwcn(side.output) if match.view is None and side.output.ndim in (2, 4) else side.output
-        got = got if match.view is None else to_mcn_view(side.output, match.view, hwc)
+    got = own_output(ref, side.output, side.output_label, tol)
     what = "the model's output" + (" (softmax probabilities)" if side.probabilities else "")
     row = measure_row(
         **this, keras=side.output_label, tensor="output", ref=ref, got=got, tolerance=tol.forward, note=what
@@ -381,6 +395,18 @@ def _output_rows(net: Net, res: list[Res], side: KerasSide, tol: Tolerance, alt)
             _explain(loss_row, alt[-1].x, side.loss, tol.forward)
         rows.append(loss_row)
     return rows
+
+
+def own_output(ref: np.ndarray, output: np.ndarray, label: str, tol: Tolerance) -> np.ndarray | None:
+    """The model's own ``output`` in MatConvNet's layout, to compare with ``ref`` (H x W x C
+    x N): the loss reads it as N x H x W x K (or N x K), so no other layout is the model's;
+    None when its shape fits none of those."""
+    match = match_outputs([ref], [output], [label], tol.forward, layouts="own")[0]
+    if match.capture is None:
+        return None
+    if match.view is not None:
+        return to_mcn_view(output, match.view, tuple(ref.shape[:3]))
+    return to_hwcn(output) if output.ndim in (2, 4) else output
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

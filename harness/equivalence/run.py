@@ -23,9 +23,9 @@ from harness.equivalence.align import align
 from harness.equivalence.blame import first_divergence
 from harness.equivalence.keras_pass import LOSS_TYPES, KerasSide, keras_batch_loss
 from harness.equivalence.match import match_outputs, to_mcn_view
-from harness.equivalence.metrics import nonfinite_summary
+from harness.equivalence.metrics import nonfinite_summary, nonfinite_weights
 from harness.equivalence.observe import discover, observe
-from harness.equivalence.precision import float64_copy, model_dtype, rounded_reference_net
+from harness.equivalence.precision import comparison_model, model_dtype, rounded_reference_net
 from harness.equivalence.reference_pass import cast_net, dropout_masks, run_reference
 from harness.equivalence.report import LIMITATIONS, Report, Row
 from harness.equivalence.rows import build_rows
@@ -90,18 +90,7 @@ def compare(
         raise McnError(f"Expected labels: the net ends in a loss layer ('{tidy.layers[-1].name}')")
     labels_arr = None if labels is None else matlab_labels(labels, x.shape[3])
     _check_memory(tidy, x, dtype)
-    notes: list[str] = []
-    run_model, run_dtype = model, dtype
-    if dtype == "float64":
-        copy, why = float64_copy(model, to_nhwc(x))
-        if copy is None:
-            run_dtype = "float32"
-            notes.append(
-                f"compared in float32, the model's own precision, at float32 tolerance: it could not be "
-                f"copied to float64 ({why})"
-            )
-        else:
-            run_model = copy
+    run_model, run_dtype, notes = comparison_model(model, to_nhwc(x), dtype)
     tol = tolerance_for(run_dtype)
     np_dtype = np.float64 if run_dtype == "float64" else np.float32
     net = cast_net(tidy, np_dtype)
@@ -295,11 +284,7 @@ def _nonfinite_parameters(net: Net, model: keras.Model) -> list[str]:
             text = nonfinite_summary(w, f"MatConvNet layer '{layer.name}' weights{{{j + 1}}}")
             if text:
                 out.append(text)
-    for v in model.weights:
-        text = nonfinite_summary(np.asarray(v.numpy()), f"Keras variable '{getattr(v, 'path', v.name)}'")
-        if text:
-            out.append(text)
-    return out
+    return out + nonfinite_weights(model)
 
 
 def _mark_limited(rows: list[Row], net: Net, last_bnorm: int, text: str) -> None:

@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.equivalence.report import Row, text_tail
+from harness.equivalence.report import Row, row_table, text_tail
 from harness.io.text import json_dumps
 from harness.io.text import safe_text as _text
 
@@ -160,19 +160,13 @@ class TrainingReport:
         shown = fd["step"] if fd else (self.steps[-1]["step"] if self.steps else None)
         if shown is not None:
             lines.append(f"tensors after step {shown}:")
-            header = (
-                f"{'layer':<14} {'keras':<26} {'tensor':<20} {'status':<6} {'mismatch':>13} "
-                f"{'max abs':>9} {'max rel':>9} {'step rel':>9}  worst (mcn idx: ref / keras)"
+            lines += row_table(
+                self.rows_at(shown),
+                keras_width=26,
+                tensor_width=20,
+                tensor_cut=20,
+                extra=("step rel", lambda r: "" if r.update_rel is None else f"{r.update_rel:.2e}"),
             )
-            lines += [header, "-" * len(header)]
-            for r in self.rows_at(shown):
-                status = r.status
-                upd = "" if r.update_rel is None else f"{r.update_rel:.2e}"
-                lines.append(
-                    f"{_text(r.layer)[:14]:<14} {_text(r.keras)[:26]:<26} {_text(r.tensor)[:20]:<20} "
-                    f"{status:<6} {f'{r.mismatches}/{r.numel}':>13} {r.max_abs:>9.2e} {r.max_rel:>9.2e} "
-                    f"{upd:>9}  {r.detail()}"
-                )
         lines += text_tail(self.notes, self.limitations)
         return "\n".join(lines)
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from harness.equivalence.dag_run import compare_dag
+from harness.equivalence.report import Divergence
 from harness.mcn import seed_net
 from harness.mcn.dagnn import DagLayer, DagNet
 from harness.mcn.options import McnError
 from harness.translate.dag_build import to_keras_dag
-from tests.translate.test_dag_build import _blocks_net, _p, _recursive_net, _residual_net
+from tests.translate.dag_nets import blocks_net, param, recursive_net, residual_net
 
 
 def _residual_inputs(n: int = 3) -> dict[str, np.ndarray]:
@@ -31,7 +32,7 @@ def _assert_ok(report):
 
 @pytest.mark.parametrize("mode", ["normal", "test"])
 def test_residual_net_translation_is_equivalent(mode):
-    net = _residual_net()
+    net = residual_net()
     report = compare_dag(net, to_keras_dag(net), _residual_inputs(), mode=mode)
     _assert_ok(report)
     tensors = {(r.layer, r.tensor) for r in report.rows}
@@ -44,7 +45,7 @@ def test_residual_net_translation_is_equivalent(mode):
 
 
 def test_net_is_not_changed():
-    net = _residual_net()
+    net = residual_net()
     before = [np.array(p.value, copy=True) for p in net.params]
     compare_dag(net, to_keras_dag(net), _residual_inputs())
     assert all(np.array_equal(a, p.value) for a, p in zip(before, net.params, strict=True))
@@ -55,7 +56,7 @@ def test_net_is_not_changed():
 def test_shared_params_without_loss(mode):
     """Three layers share one conv's params: one Keras variable, whose gradient is the sum
     of MatConvNet's per-layer derivatives; no Loss: the derivative of the sum of the output."""
-    net = _recursive_net()
+    net = recursive_net()
     x = np.random.RandomState(1).randn(7, 6, 1, 2)
     report = compare_dag(net, to_keras_dag(net, input_sizes={"x": (None, None, 1)}), {"x": x}, mode=mode)
     _assert_ok(report)
@@ -65,7 +66,7 @@ def test_shared_params_without_loss(mode):
 
 @pytest.mark.parametrize("mode", ["normal", "test"])
 def test_blocks_net_with_dropout_and_lrn(mode):
-    net = _blocks_net()
+    net = blocks_net()
     x = np.random.RandomState(2).randn(16, 14, 3, 2)
     model = to_keras_dag(net, input_sizes={"x": (16, 14, 3)})
     report = compare_dag(net, model, {"x": x}, mode=mode)
@@ -90,7 +91,7 @@ def test_from_simplenn_seed_net(mode):
 
 
 def test_flipped_kernel_blamed_on_its_layer():
-    net = _residual_net()
+    net = residual_net()
     model = to_keras_dag(net)
     k = model.get_layer("conv2")
     w, b = k.get_weights()
@@ -124,41 +125,43 @@ def _rebuilt_residual(net: DagNet, extra_relu: bool = False, subtract: bool = Fa
 
 
 def test_rebuilt_model_is_equivalent():
-    net = _residual_net()
+    net = residual_net()
     _assert_ok(compare_dag(net, _rebuilt_residual(net), _residual_inputs()))
 
 
-@pytest.mark.parametrize("mode", ["normal", "test"])
-def test_extra_relu_blamed_on_the_layer_it_follows(mode):
-    net = _residual_net()
-    report = compare_dag(net, _rebuilt_residual(net, extra_relu=True), _residual_inputs(), mode=mode)
-    assert not report.ok
-    fd = report.first_divergence
-    assert fd.culprit == "proj", str(report)
-    assert fd.tensor == "x+" and "extra_relu" in fd.keras
+# an extra ReLU is blamed on the layer it follows; a Sum made a Subtract on the Sum
+EXTRA_RELU = Divergence(layer="p", keras="extra_relu", tensor="x+", culprit="proj")
+SUBTRACT = Divergence(layer="s", keras="sum", tensor="x", culprit="sum")
 
 
-@pytest.mark.parametrize("weights", ["net", "model"])
-def test_sum_made_subtract_blamed_on_sum(weights):
-    net = _residual_net()
-    report = compare_dag(net, _rebuilt_residual(net, subtract=True), _residual_inputs(), weights=weights)
+@pytest.mark.parametrize(
+    ("bug", "options", "blamed"),
+    [
+        ("extra_relu", {"mode": "normal"}, EXTRA_RELU),
+        ("extra_relu", {"mode": "test"}, EXTRA_RELU),
+        ("subtract", {"weights": "net"}, SUBTRACT),
+        ("subtract", {"weights": "model"}, SUBTRACT),
+    ],
+)
+def test_planted_bug_blamed_on_its_layer(bug, options, blamed):
+    net = residual_net()
+    report = compare_dag(net, _rebuilt_residual(net, **{bug: True}), _residual_inputs(), **options)
     assert not report.ok
-    fd = report.first_divergence
-    assert fd.culprit == "sum" and fd.layer == "s" and fd.tensor == "x", str(report)
+    assert report.first_divergence == blamed, str(report)
 
 
 # ----------------------------------------------------------------------------- errors
 
 
 def test_other_loss_types_raise_naming_the_layer():
-    net = _residual_net()
+    net = residual_net()
     net.layer("loss").block["loss"] = "logistic"
     with pytest.raises(McnError, match="'loss'.*logistic"):
         compare_dag(net, to_keras_dag(net), _residual_inputs())
 
 
 def test_classerror_is_a_metric():
-    net = _residual_net()
+    net = residual_net()
     net.add_layer("err", "dagnn.Loss", ["prediction", "label"], ["error"], [], {"loss": "classerror"})
     report = compare_dag(net, to_keras_dag(net), _residual_inputs())
     _assert_ok(report)
@@ -166,7 +169,7 @@ def test_classerror_is_a_metric():
 
 
 def test_weights_net_needs_dag_layer_names():
-    net = _residual_net()
+    net = residual_net()
     model = _rebuilt_residual(net)
     renamed = keras.models.clone_model(
         model, clone_function=lambda l: l.__class__.from_config({**l.get_config(), "name": "k_" + l.name})
@@ -176,7 +179,7 @@ def test_weights_net_needs_dag_layer_names():
 
 
 def test_missing_labels_and_unknown_inputs():
-    net = _residual_net()
+    net = residual_net()
     model = to_keras_dag(net)
     inputs = _residual_inputs()
     with pytest.raises(McnError, match="label"):
@@ -194,7 +197,12 @@ def test_simple_chain_built_with_the_dagnet_api():
             DagLayer("d", "dagnn.Conv", ["hr"], ["score"], ["g", "gb"]),
             DagLayer("l", "dagnn.Loss", ["score", "lab"], ["obj"], [], {"loss": "softmaxlog"}),
         ],
-        params=[_p("f", r, 3, 3, 2, 4), _p("b", r, 4, 1), _p("g", r, 4, 4, 4, 3), _p("gb", r, 3, 1)],
+        params=[
+            param("f", r, 3, 3, 2, 4),
+            param("b", r, 4, 1),
+            param("g", r, 4, 4, 4, 3),
+            param("gb", r, 3, 1),
+        ],
     )
     inputs = {"data": r.randn(8, 8, 2, 2), "lab": np.array([[2.0, 3.0]])}
     model = to_keras_dag(net, input_sizes={"data": (8, 8, 2)})

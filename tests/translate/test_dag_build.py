@@ -49,7 +49,6 @@ from .dag_nets import (
     blocks_net,
     fcn_net,
     inception_net,
-    param,
     recursive_net,
     residual_net,
     scale_net,
@@ -57,9 +56,6 @@ from .dag_nets import (
 )
 
 GOLDEN_TOL = 2e-5
-
-# the former names of the nets, which tests/equivalence/test_dag_compare.py imports from here
-_blocks_net, _p, _recursive_net, _residual_net = blocks_net, param, recursive_net, residual_net
 
 
 # --------------------------------------------------------------------------- equivalence

@@ -12,6 +12,8 @@
     check and reference also take [--images imdb.mat|image|dir] [--upto LAYER]
     [--input-size H W C] (for a net without meta.inputSize)
     mcn-harness train-parity --mcn ... --keras ... [--epochs N] [--data digits|imdb.mat] [--plot curves.png]
+    diagnose and train-parity take simplenn and DagNN nets (a DagNN net's layers are found
+    in the model by name; train-parity feeds its one image input and its Loss layers' labels)
 
 Exit status: 0 equivalent (or no findings; train-parity: weights still agree at the end),
 1 divergent (or findings; train-parity: weights parted), only ever from a completed
@@ -170,9 +172,10 @@ def _cmd_check(args) -> int:
 
 def _cmd_diagnose(args) -> int:
     from harness.diagnosis.findings import diagnose
+    from harness.mcn.dagnn import DagNet
 
-    net, model = _load(args)
-    findings = diagnose(net, model)
+    net, model = _load(args, dagnn=True)
+    findings = diagnose(net, model, input_size=args.input_size if isinstance(net, DagNet) else None)
     text = json_dumps([f.to_dict() for f in findings]) if args.json else None
     for f in findings:
         print(safe_text(f))
@@ -233,18 +236,35 @@ def _cmd_port(args) -> int:
 
 def _cmd_train_parity(args) -> int:
     from harness.io.imdb import check_imdb_labels, digits_imdb, load_imdb
+    from harness.mcn.dagnn import DagNet
+    from harness.training.dag_parity import check_dag_imdb, dag_training_vars
     from harness.training.parity import check_plot_path, plot_parity, train_parity
 
     if args.plot:
         check_plot_path(args.plot)  # before hours of training, not after
-    net, model = _load(args)
-    imdb = digits_imdb() if args.data == "digits" else load_imdb(args.data)
-    if imdb.images.shape[:3] != input_size(net):
+    net, model = _load(args, dagnn=True)
+    if args.optimizer == "model" and getattr(model, "optimizer", None) is None:
+        raise InputError(
+            f"--keras {args.keras!r}: the model is not compiled, and --optimizer model (the default) trains "
+            "with its compiled optimizer: compile it, or pass --optimizer matconvnet (cnn_train's update)"
+        )
+    dag = isinstance(net, DagNet)
+    if dag:
+        dag_training_vars(net)  # one image input and a Loss layer, before reading the data
+    try:
+        imdb = digits_imdb() if args.data == "digits" else load_imdb(args.data)
+    except McnError as err:  # about the --data file, not the --mcn one
+        text = str(err).removeprefix(f"{args.data}: ")
+        raise InputError(f"--data {args.data!r}: {text}") from None
+    if dag:
+        check_dag_imdb(net, model, imdb, f"--data {args.data!r}")
+    elif imdb.images.shape[:3] != input_size(net):
         raise InputError(
             f"--data {args.data!r}: images are {imdb.images.shape[:3]} (H, W, C), the net takes "
             f"{input_size(net)} (inputSize)"
         )
-    check_imdb_labels(imdb, num_classes(net), f"--data {args.data!r}")
+    else:
+        check_imdb_labels(imdb, num_classes(net), f"--data {args.data!r}")
     result = train_parity(
         net,
         model,
@@ -255,22 +275,7 @@ def _cmd_train_parity(args) -> int:
         max_steps_per_epoch=args.max_steps,
         **_run_options(args),
     )
-    print(
-        f"{'step':>5} {'epoch':>5} {'lr':>8} {'loss ref':>10} {'loss keras':>10} {'err ref':>8} "
-        f"{'err keras':>9} {'max |dw|':>10}"
-    )
-    for s in result.steps:
-        print(
-            f"{s.step:>5} {s.epoch:>5} {s.learning_rate:>8.2g} {s.loss_ref:>10.6f} {s.loss_keras:>10.6f} "
-            f"{100 * s.error_ref:>7.1f}% {100 * s.error_keras:>8.1f}% {s.max_weight_diff:>10.2e}"
-        )
-    if result.val_error_ref:
-        print(
-            "validation error per epoch: reference "
-            + " ".join(f"{100 * v:.1f}%" for v in result.val_error_ref)
-            + "; Keras "
-            + " ".join(f"{100 * v:.1f}%" for v in result.val_error_keras)
-        )
+    print("\n".join(result.lines()))
     if args.json:
         write_atomic(args.json, result.to_json())
     if args.plot:

@@ -118,7 +118,9 @@ def check(
     if isinstance(net, DagNet):
         if upto is not None:
             raise InputError("upto applies to simplenn networks only so far")
-        return _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_size)
+        found = diagnose(net, model) if findings else []
+        result = _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_size)
+        return CheckResult(result.report, found, [])
     require_simplenn(net, "check")
     net, cut = runnable_net(net, upto)
     net = vl_simplenn_tidy(net)
@@ -192,7 +194,7 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
     ``batch`` random images per data input (the size of the model's input for it, else
     ``input_size``, else 32 x 32 and the depth of the filters reading the input) and random
     labels for its Loss layers.
-    Static findings and cause probes are simplenn-only so far."""
+    Cause probes are simplenn-only so far."""
     import numpy as np
 
     from harness.equivalence.dag_feed import declared_shapes
@@ -205,9 +207,10 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
     losses = [l for l in net.layers if l.type == "dagnn.Loss" and len(l.inputs) > 1]
     label_vars = list(dict.fromkeys(l.inputs[1] for l in losses))
     rng = np.random.RandomState(seed)
+    fitted = []
     if x is None:
         shapes = declared_shapes(model, names)  # the model's input named after the var, else in its place
-        inputs = {}
+        sizes, chosen = {}, set()
         for name in names:
             shape = shapes.get(name, (None, None, None))
             if None in shape:
@@ -215,7 +218,10 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
                 shape = (
                     tuple(input_size) if input_size is not None else (DEFAULT_SPATIAL, DEFAULT_SPATIAL, depth)
                 )
-            inputs[name] = rng.randn(*(int(d) for d in shape), batch)
+                chosen |= set() if input_size is not None else {name}
+            sizes[name] = tuple(int(d) for d in shape)
+        sizes, batch, fitted = _fit_probe(net, sizes, chosen, batch)
+        inputs = {name: rng.randn(*shape, batch) for name, shape in sizes.items()}
     elif isinstance(x, dict):
         inputs = dict(x)
     elif len(names) == 1:
@@ -237,8 +243,35 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
                     1, s.shape[2] + 1, size=(*s.shape[:2], 1, s.shape[3])
                 ).astype(np.float64)
     report = compare_dag(net, model, inputs, dtype=dtype, mode=mode, weights=weights, seed=seed)
-    report.notes = [*net.notes, *report.notes]
+    report.notes = [*net.notes, *fitted, *report.notes]
     return CheckResult(report, [], [])
+
+
+def _fit_probe(net, sizes: dict, chosen: set, batch: int) -> tuple[dict, int, list[str]]:
+    """The random probe of a DagNN net made to fit the memory budget: fewer images, then (for
+    the inputs whose size the harness chose, not the model or the user) halved sides down to
+    8 pixels. Returns the sizes, the batch and a note saying what was reduced. What still
+    does not fit is refused by compare_dag, naming the largest var."""
+    from harness.equivalence.dag_feed import ACTIVATION_COPIES, activation_bytes
+    from harness.mcn.options import format_bytes, memory_budget
+
+    budget, want = memory_budget(), (dict(sizes), batch)
+    per_image = activation_bytes(net, sizes)[0] * ACTIVATION_COPIES
+    while per_image > budget and chosen and min(min(sizes[k][:2]) for k in chosen) >= 16:
+        sizes = {k: (v[0] // 2, v[1] // 2, v[2]) if k in chosen else v for k, v in sizes.items()}
+        per_image = activation_bytes(net, sizes)[0] * ACTIVATION_COPIES
+    batch = max(1, min(batch, int(budget // max(per_image, 1))))
+    if (sizes, batch) == want:
+        return sizes, batch, []
+    shown = ", ".join(f"{k} {v[0]} x {v[1]} x {v[2]}" for k, v in sizes.items())
+    return (
+        sizes,
+        batch,
+        [
+            f"probe reduced to {batch} image(s) ({shown}) to fit the memory budget of "
+            f"{format_bytes(budget)} (MCN_HARNESS_MEMORY_BUDGET; --batch and --input-size choose)"
+        ],
+    )
 
 
 def _dag_depth(net, name: str) -> int:

@@ -77,19 +77,40 @@ def test_check_with_the_users_imdb_and_upto(tmp_path):
     assert question.returncode == 0, question.stdout + question.stderr
 
 
-def test_a_dagnn_file_runs_in_reference_port_and_check_and_is_one_line_elsewhere(tmp_path):
+def _save_dagnn(path, *, loss: bool = False, second_input: bool = False) -> None:
+    """tests/mcn/test_dagnn_files' DagNN file (conv1 > relu1: data -> prediction), with a
+    softmaxlog Loss of (prediction, label) -> objective, or a second image input."""
     from tests.mcn.test_dagnn_files import dagnn_struct, struct_array_v5
 
+    s = dagnn_struct()
+    extra = []
+    if loss:
+        extra.append(("loss", "dagnn.Loss", ["prediction", "label"], ["objective"], {"loss": "softmaxlog"}))
+    if second_input:
+        extra.append(("relu2", "dagnn.ReLU", ["data2"], ["y2"], {"leak": 0.0}))
+    for name, kind, inputs, outputs, block in extra:
+        s["vars"] += [{"name": v, "precious": False} for v in inputs[1:] + outputs]
+        s["layers"].append(
+            {"name": name, "type": kind, "inputs": inputs, "outputs": outputs, "params": [], "block": block}
+        )
+    scipy.io.savemat(path, {"net": {k: struct_array_v5(v) for k, v in s.items()}})
+
+
+def test_a_dagnn_file_runs_in_reference_port_check_and_diagnose_and_train_parity_says_what_it_needs(tmp_path):
     path = tmp_path / "dag.mat"
-    scipy.io.savemat(path, {"net": {k: struct_array_v5(v) for k, v in dagnn_struct().items()}})
+    _save_dagnn(path)
     ref = run("reference", "--mcn", str(path), "--batch", "2", "--input-size", "6", "5", "1")
     assert ref.returncode == 0, ref.stderr
     assert "MatConvNet reference (DagNN): 2 layers, 3 vars, 2 params, batch 2" in ref.stdout
     assert "relu1            dagnn.ReLU         prediction     4 x 3 x 3" in ref.stdout
-    for command in (["diagnose", "--keras", "seed-fixed"], ["train-parity", "--keras", "seed-fixed"]):
-        out = run(*command, "--mcn", str(path))
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-        assert "does not support DagNN networks yet" in out.stderr and "simplenn networks only" in out.stderr
+    # diagnose reads the DagNN layers against the Keras layers of their names
+    other = run("diagnose", "--keras", "seed-fixed", "--mcn", str(path))
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert "[filters] conv1 / conv1: MatConvNet 3; Keras 64" in other.stdout
+    # train-parity needs a Loss layer: one line, exit 2
+    out = run("train-parity", "--keras", "seed-fixed", "--mcn", str(path))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "no dagnn.Loss layer" in out.stderr and "dag.mat" in out.stderr
     # port, then check its model.keras var by var, then run the generated test
     port = tmp_path / "port"
     made = run("port", "--mcn", str(path), "--out", str(port))
@@ -98,6 +119,9 @@ def test_a_dagnn_file_runs_in_reference_port_and_check_and_is_one_line_elsewhere
     checked = run("check", "--mcn", str(path), "--keras", str(port / "model.keras"), "--batch", "2")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "EQUIVALENT" in checked.stdout and "prediction" in checked.stdout
+    diagnosed = run("diagnose", "--mcn", str(path), "--keras", str(port / "model.keras"))
+    assert diagnosed.returncode == 0, diagnosed.stdout + diagnosed.stderr
+    assert diagnosed.stdout.strip() == "no static differences found"
     import subprocess
     import sys
 
@@ -109,6 +133,42 @@ def test_a_dagnn_file_runs_in_reference_port_and_check_and_is_one_line_elsewhere
         timeout=300,
     )
     assert guard.returncode == 0, guard.stdout[-2000:]
+
+
+def test_train_parity_on_a_dagnn_file(tmp_path):
+    """The imdb into the net's image input, its labels into the Loss: cnn_train_dag's steps
+    and the port's agree (exit 0); a net with two image inputs is one line (exit 2)."""
+    path = tmp_path / "dag.mat"
+    _save_dagnn(path, loss=True)
+    port = tmp_path / "port"
+    assert run("port", "--mcn", str(path), "--out", str(port)).returncode == 0
+    rng = np.random.RandomState(3)
+    imdb = tmp_path / "imdb.mat"
+    labels = rng.randint(1, 4, size=(1, 10)).astype(float)
+    scipy.io.savemat(
+        imdb, {"images": {"data": rng.rand(6, 5, 1, 10), "labels": labels, "set": np.ones((1, 10))}}
+    )
+    model = str(port / "model.keras")
+    common = ("--mcn", str(path), "--keras", model, "--data", str(imdb), "--epochs", "2", "--batch-size", "4")
+    out = run("train-parity", *common, "--optimizer", "matconvnet", "--json", str(tmp_path / "tp.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [r[:2] for r in rows] == [["1", "1"], ["2", "1"], ["3", "1"], ["4", "2"], ["5", "2"], ["6", "2"]]
+    assert all(r[5:7] == ["-", "-"] and float(r[7]) < 1e-5 for r in rows), out.stdout
+    assert all(abs(float(r[3]) - float(r[4])) < 1e-5 for r in rows), out.stdout
+    assert "cnn_train_dag replayed by harness.compare_training" in out.stdout
+    assert "every param agrees after every step" in out.stdout
+    import json
+
+    settings = json.loads((tmp_path / "tp.json").read_text())["settings"]
+    assert settings["reference"] == "cnn_train_dag" and settings["first_divergence"] is None
+    uncompiled = run("train-parity", *common)
+    assert uncompiled.returncode == 2 and "--optimizer matconvnet" in uncompiled.stderr
+    two = tmp_path / "two.mat"
+    _save_dagnn(two, loss=True, second_input=True)
+    out = run("train-parity", "--mcn", str(two), "--keras", model, "--optimizer", "matconvnet")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "2 image inputs (data, data2)" in out.stderr
 
 
 def test_reference_with_images_gives_the_top1_error_and_fills_a_dagnn_input(tmp_path):

@@ -11,7 +11,9 @@ and the fix), and ``diagnose``, which gathers the findings of the rule modules b
   ``optimizer_rules`` that ``compare_training`` shares, the loss, batch size, epochs,
   metrics, and the initialisation.
 
-``causes`` re-runs a layer that diverges numerically with the usual porting mistakes.
+``dag_findings`` reads a DagNN net as ``layer_rules`` reads a simplenn net (the layers of
+its names in the model). ``causes`` re-runs a layer that diverges numerically with the
+usual porting mistakes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.mcn.dagnn import DagNet
 from harness.mcn.net import Net
 from harness.mcn.simplenn import vl_simplenn_tidy
 
@@ -59,7 +62,7 @@ def fmt_value(v: Any) -> str:
 
 
 def diagnose(
-    net: Net,
+    net: Net | DagNet,
     model: keras.Model,
     *,
     optimizer: Any = None,
@@ -70,22 +73,26 @@ def diagnose(
     input_size: Any = None,
 ) -> list[Finding]:
     """Static findings: per-layer configuration, initialisation, and the training set-up
-    (``optimizer``/``loss``/``metrics`` default to the compiled model's)."""
-    # the rule modules build Findings of this module: imported once it is complete
-    from harness.diagnosis.layer_rules import input_shapes, layer_findings
-    from harness.diagnosis.setup_rules import init_findings, training_findings
-    from harness.equivalence.align import align
+    (``optimizer``/``loss``/``metrics`` default to the compiled model's).
 
-    net = vl_simplenn_tidy(net)
-    size = input_size if input_size is not None else net.meta.get("inputSize")
-    if size is None:
-        size = tuple(int(s) for s in model.inputs[0].shape[1:])
-    h, w, c = (int(v) for v in np.asarray(size, dtype=float).ravel()[:3])
-    alignment = align(net, model)
-    findings = layer_findings(net, model, input_shapes(net, (h, w, c)), alignment=alignment)
-    findings += init_findings(net, model, alignment)
+    A DagNN ``net`` (``DagNet``) is read through ``dag_findings.dag_layer_findings``: its
+    Conv, ConvTranspose, BatchNorm, Pooling, ReLU and DropOut layers against the Keras
+    layers of their names (initialisation is not diagnosed there); ``input_size`` then
+    sizes its one image input."""
+    # the rule modules build Findings of this module: imported once it is complete
+    from harness.diagnosis.setup_rules import training_findings
+
+    if isinstance(net, DagNet):
+        from harness.diagnosis.dag_findings import dag_layer_findings
+
+        findings, setup_net, loss_layer = dag_layer_findings(net, model, input_size=input_size)
+    else:
+        net = vl_simplenn_tidy(net)
+        findings, setup_net, loss_layer = _simplenn_layer_findings(net, model, input_size), net, None
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
-    if loss is None:
+    if isinstance(net, DagNet) and loss_layer is None:
+        loss = None  # no softmaxlog Loss layer to hold the Keras loss against
+    elif loss is None:
         loss = getattr(model, "loss", None)
     if metrics is None:
         try:
@@ -94,6 +101,28 @@ def diagnose(
             metrics = None
         metrics = [m if isinstance(m, str) else str(m) for m in (metrics or [])]
     findings += training_findings(
-        net, model, optimizer, loss=loss, metrics=metrics, batch_size=batch_size, epochs=epochs
+        setup_net,
+        model,
+        optimizer,
+        loss=loss,
+        metrics=metrics,
+        batch_size=batch_size,
+        epochs=epochs,
+        loss_layer=loss_layer,
     )
     return findings
+
+
+def _simplenn_layer_findings(net: Net, model: keras.Model, input_size: Any) -> list[Finding]:
+    """The layer and initialisation findings of a tidied simplenn net."""
+    from harness.diagnosis.layer_rules import input_shapes, layer_findings
+    from harness.diagnosis.setup_rules import init_findings
+    from harness.equivalence.align import align
+
+    size = input_size if input_size is not None else net.meta.get("inputSize")
+    if size is None:
+        size = tuple(int(s) for s in model.inputs[0].shape[1:])
+    h, w, c = (int(v) for v in np.asarray(size, dtype=float).ravel()[:3])
+    alignment = align(net, model)
+    findings = layer_findings(net, model, input_shapes(net, (h, w, c)), alignment=alignment)
+    return findings + init_findings(net, model, alignment)

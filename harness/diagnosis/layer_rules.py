@@ -2,8 +2,10 @@
 the MatConvNet layer it is aligned with (``harness.equivalence.align``).
 
 Convolutions (kernel size, filters, groups, stride, dilation, padding, a fused activation,
-a fully-connected conv as Flatten + Dense), pooling (method, size, stride, padding),
-ReLU leak, bnorm epsilon and momentum, dropout. ``input_shapes`` gives each layer's input
+a fully-connected conv as Flatten + Dense), transposed convolutions (kernel size, outputs,
+groups, upsampling, crop), pooling (method, size, stride, padding), ReLU leak, bnorm
+epsilon and momentum, dropout. A DagNN net reaches these rules through the simplenn view
+of ``harness.diagnosis.dag_findings``. ``input_shapes`` gives each layer's input
 size by MatConvNet's formulas, for the padding that Keras' ``'same'`` implies.
 """
 
@@ -51,8 +53,11 @@ def layer_findings(
         layer = net.layers[pair_.index]
         ks = [model.get_layer(n) for n in pair_.keras]
         main = model.get_layer(pair_.param_layer) if pair_.param_layer else None
-        if layer.type == "conv" and main is not None:
-            found = _conv_findings(layer, main, ks, shapes[pair_.index])
+        if layer.type in ("conv", "convt") and main is not None:
+            if layer.type == "conv":
+                found = _conv_findings(layer, main, ks, shapes[pair_.index])
+            else:
+                found = _convt_findings(layer, main, ks)
             nxt = alignment.pairs[k + 1] if k + 1 < len(alignment.pairs) else None
             if nxt is not None and nxt.fused_activation and _exact_fusion(net.layers[nxt.index]):
                 # the fused activation is the next MatConvNet layer's, computed exactly
@@ -254,19 +259,59 @@ def _conv_findings(layer, main, ks, in_shape) -> list[Finding]:
                 f"ZeroPadding2D((({pads[0]}, {pads[1]}), ({pads[2]}, {pads[3]}))) + padding='valid'",
             )
         )
+    return out + _activation_findings(layer, main, label)
+
+
+def _activation_findings(layer: Layer, main, label: str) -> list[Finding]:
+    """An activation fused into the Keras layer of a conv or a transposed conv."""
     act = getattr(getattr(main, "activation", None), "__name__", "linear")
-    if act not in ("linear", "identity"):
-        out.append(
-            Finding(
-                "activation",
-                layer.name,
-                label,
-                "none inside the conv (a separate layer follows, or none)",
-                f"activation='{act}' fused",
-                "check that MatConvNet has this activation next",
-            )
+    if act in ("linear", "identity"):
+        return []
+    return [
+        Finding(
+            "activation",
+            layer.name,
+            label,
+            "none inside the conv (a separate layer follows, or none)",
+            f"activation='{act}' fused",
+            "check that MatConvNet has this activation next",
         )
-    return out
+    ]
+
+
+def _convt_findings(layer: Layer, main, ks) -> list[Finding]:
+    """A transposed conv (``vl_nnconvt``, filters ``FH x FW x K x D``): kernel size, the
+    ``K * numGroups`` outputs, the groups, the upsampling as strides, padding ``'valid'``
+    and the crop (MatConvNet's, plus the rows Keras adds when the filters are smaller than
+    the upsampling, as ``harness.translate`` crops them)."""
+    f = np.asarray(layer.weights[0])
+    fh, fw, k, _ = f.reshape(f.shape + (1,) * (4 - f.ndim)).shape
+    num_groups = layer.get("num_groups", 1)
+    groups = 1 if is_empty(num_groups) else int(np.asarray(num_groups, dtype=float).ravel()[0])
+    up = pair(layer.get("upsample", 1), "upsample")
+    t, b, l, r = pad4(layer.get("crop", 0), "crop")
+    crop = (t, b + max(up[0] - fh, 0), l, r + max(up[1] - fw, 0))
+    kcrop = (0, 0, 0, 0)
+    for x in ks:
+        if type(x).__name__ == "Cropping2D":
+            (ct, cb), (cl, cr) = x.cropping
+            kcrop = (kcrop[0] + ct, kcrop[1] + cb, kcrop[2] + cl, kcrop[3] + cr)
+    kgroups = int(getattr(main, "groups", 1) or 1)
+    label = "+".join(x.name for x in ks)
+    checks = (
+        ("kernel size", (fh, fw), tuple(getattr(main, "kernel_size", (fh, fw))), f"kernel_size=({fh}, {fw})"),
+        ("filters", k * groups, int(getattr(main, "filters", k)) * kgroups, f"{k * groups} output channels"),
+        ("groups", groups, kgroups, f"harness.translate.layers.GroupedConv2DTranspose(..., groups={groups})"),
+        ("upsampling", up, tuple(getattr(main, "strides", up)), f"strides={up}"),
+        ("padding", "valid", getattr(main, "padding", "valid"), "padding='valid', then Cropping2D"),
+        ("crop", crop, kcrop, f"Cropping2D((({crop[0]}, {crop[1]}), ({crop[2]}, {crop[3]})))"),
+    )
+    out = [
+        Finding(kind, layer.name, label, fmt_value(mcn), fmt_value(keras_value), fix)
+        for kind, mcn, keras_value, fix in checks
+        if mcn != keras_value
+    ]
+    return out + _activation_findings(layer, main, label)
 
 
 def _keras_pads(ks, main, ksize, stride, in_hw) -> tuple[int, int, int, int] | None:

@@ -37,9 +37,11 @@ def training_findings(
     metrics: list[str] | None = None,
     batch_size: int | None = None,
     epochs: int | None = None,
+    loss_layer: str | None = None,
 ) -> list[Finding]:
     """The training set-up against ``net.meta['trainOpts']`` (a tidied net): the optimizer
-    rules in the configuration view, then the loss, the batch size, the epochs, the metrics."""
+    rules in the configuration view, then the loss, the batch size, the epochs, the metrics.
+    ``loss_layer`` names the loss in the findings (default: the net's last layer)."""
     raw = dict(net.meta.get("trainOpts", {}) or {})
     out = []
     if optimizer is not None:
@@ -52,7 +54,7 @@ def training_findings(
             dtype = str(getattr(variables[0], "dtype", "float32"))
             out += [d.finding() for d in optimizer_differences(optimizer, opts, net, dtype=dtype)]
     if loss is not None:
-        out += _loss_findings(net, loss)
+        out += _loss_findings(net.layers[-1].name if loss_layer is None else loss_layer, loss)
     mcn_batch = raw.get("batchSize")
     if mcn_batch is not None and (batch_size is None or int(batch_size) != int(mcn_batch)):
         out.append(
@@ -138,11 +140,11 @@ def init_findings(net: Net, model: keras.Model, alignment: Alignment) -> list[Fi
     return out
 
 
-def _loss_findings(net: Net, loss: Any) -> list[Finding]:
+def _loss_findings(last: str, loss: Any) -> list[Finding]:
+    """The Keras loss against MatConvNet's loss layer ``last``: reduction and label base."""
     lname = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
     if lname not in ("categorical_crossentropy", "sparse_categorical_crossentropy"):
         return []
-    last = net.layers[-1].name
     out = [
         Finding(
             "loss reduction",

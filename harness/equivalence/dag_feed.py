@@ -8,15 +8,20 @@ the shapes checked).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from harness.mcn.dagnn import DagLayer, DagNet
-from harness.mcn.options import McnError
+from harness.mcn.options import McnError, check_budget
 from harness.translate.build import keras_name
 
 __all__ = [
     "LOSS",
     "METRIC_LOSSES",
+    "ACTIVATION_COPIES",
+    "activation_bytes",
+    "check_activation_budget",
     "check_inputs",
     "check_output_count",
     "declared_shapes",
@@ -28,6 +33,10 @@ __all__ = [
 ]
 
 LOSS = "dagnn.Loss"
+# A comparison holds each var's value and derivative on both sides, in float64, and again
+# in the float64 copy of a float32 model: 2 x 4 times the float64 values of one pass.
+ACTIVATION_COPIES = 8
+_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Loss types that are metrics, never seeded (cnn_train_dag reports them, derives nothing)
 METRIC_LOSSES = ("classerror", "topkerror")
 
@@ -190,3 +199,36 @@ def feed_order(model, data_vars: list[str], sizes: dict[str, tuple]) -> tuple[li
 
 def _dims(shape: tuple) -> str:
     return " x ".join("?" if d is None else str(d) for d in shape)
+
+
+def activation_bytes(net: DagNet, shapes: dict[str, tuple[int, ...]]) -> tuple[int, str]:
+    """Bytes of the float64 values of every var for ONE image with data inputs of ``shapes``
+    (``{var: (H, W, C)}``), and the largest var as ``"'name' (H x W x C)"``: measured by
+    running a copy of the net forward in mode test on one random image (a DagNN's sizes
+    depend on every block's options, Crop's on two inputs; the reference knows them all).
+    Remembered per net and shapes."""
+    key = tuple(sorted((k, tuple(int(d) for d in v[:3])) for k, v in shapes.items()))
+    memo = _SIZES.setdefault(net, {})
+    if key not in memo:
+        probe = net.copy()
+        rng = np.random.RandomState(0)
+        probe.eval({k: rng.randn(*v, 1) for k, v in key}, mode="test")
+        sized = [
+            (np.asarray(v.value).nbytes, v.name, np.shape(v.value)) for v in probe.vars if v.value is not None
+        ]
+        total = sum(b for b, _, _ in sized)
+        _, name, shape = max(sized) if sized else (0, "", ())
+        memo[key] = (total, f"'{name}' ({' x '.join(str(d) for d in shape[:3])})")
+    return memo[key]
+
+
+def check_activation_budget(net: DagNet, shapes: dict[str, tuple[int, ...]], n: int) -> None:
+    """Refuse up front (McnError) a batch of ``n`` images whose vars, with derivatives, on
+    both sides and in a float64 copy, would not fit the memory budget (instead of
+    exhausting the machine inside TensorFlow)."""
+    per_image, largest = activation_bytes(net, shapes)
+    check_budget(
+        float(ACTIVATION_COPIES) * per_image * n,
+        f"the vars of a batch of {n} images (the largest: {largest} per image; "
+        "a smaller --batch or --input-size fits less)",
+    )

@@ -26,6 +26,7 @@ import numpy as np
 
 from harness.equivalence.dag_feed import (
     LOSS,
+    check_activation_budget,
     check_inputs,
     check_output_count,
     feed_order,
@@ -128,6 +129,7 @@ def compare_dag(
     if len(set(sizes.values())) > 1:
         raise McnError(f"Expected data inputs of one batch size N. Received {sizes}")
     n = next(iter(sizes.values()))
+    check_activation_budget(net, {v: x.shape[:3] for v, x in xs.items()}, n)
     feed_vars, feed_note = feed_order(model, data_vars, {v: x.shape[:3] for v, x in xs.items()})
 
     def batch(np_dtype):

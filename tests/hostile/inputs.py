@@ -1,4 +1,4 @@
-"""Builders for tests/test_hostile.py: small nets, crafted .mat files, imdbs, the
+"""Builders for the hostile-input tests (tests/hostile): small nets, crafted .mat files, imdbs, the
 working-directory shadow files, and the Hypothesis strategies of the net-struct fuzzer.
 
 Only public building blocks of the harness are used (``harness.mcn.Net``/``Layer``,

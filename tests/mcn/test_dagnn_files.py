@@ -22,8 +22,8 @@ from harness.mcn.dagnn import DagNet
 from harness.mcn.mat_hdf5 import write_hdf5
 from harness.mcn.matfile import DagNNNotSupported, require_simplenn
 
+from .matfile_writers import v5
 from .test_dagnn import small_bnorm_simplenn
-from .test_matfile_safety import v5
 from .test_realworld_traits import B1, F1, VERSIONS, X, h5_add_fields, h5_mcos, to_scipy, v5_mcos
 
 

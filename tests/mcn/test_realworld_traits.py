@@ -22,7 +22,7 @@ from harness.mcn import McnError, Net, load_checkpoint, load_net, save_net, vl_s
 from harness.mcn.mat_hdf5 import write_hdf5
 from harness.mcn.net import LAYER_TYPES, Layer
 
-from .test_matfile_safety import cell, double, el, matrix, struct_, text, v5, v5_net
+from .matfile_writers import cell, double, el, matrix, struct_, text, v5, v5_net
 
 VERSIONS = ["7", "7.3"]
 _rng = np.random.RandomState(7)

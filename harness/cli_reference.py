@@ -8,6 +8,8 @@ and largest value and derivative, and the top-1 error when the batch has labels.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,23 @@ from harness.io.specs import (
     with_input_size,
 )
 from harness.io.text import safe_text
-from harness.mcn import vl_simplenn
+from harness.mcn import McnError, vl_simplenn
 from harness.mcn.net import Net
 
 __all__ = ["probe_images", "run_reference", "top1_error"]
+
+
+@contextlib.contextmanager
+def _naming_images(path) -> Iterator[None]:
+    """Errors while reading ``--images`` name that option (not the --mcn file)."""
+    try:
+        yield
+    except McnError as err:
+        text = str(err)
+        if text.startswith("--"):
+            raise
+        text = text.removeprefix(f"{path}: ")
+        raise InputError(f"--images {str(path)!r}: {text}") from None
 
 
 def probe_images(net: Net, args):
@@ -35,14 +50,15 @@ def probe_images(net: Net, args):
     from harness.io.images import load_probe_images
 
     has_loss = bool(net.layers) and net.layers[-1].type in ("softmaxloss", "loss")
-    return load_probe_images(
-        args.images,
-        input_size(net),
-        args.batch,
-        normalization=net.meta.get("normalization"),
-        classes=num_classes(net) if has_loss else None,
-        seed=args.seed,
-    )
+    with _naming_images(args.images):
+        return load_probe_images(
+            args.images,
+            input_size(net),
+            args.batch,
+            normalization=net.meta.get("normalization"),
+            classes=num_classes(net) if has_loss else None,
+            seed=args.seed,
+        )
 
 
 def run_reference(args) -> int:
@@ -193,16 +209,18 @@ def _dag_images(net, inputs: dict, label_vars: set, args) -> dict:
     if str(args.images).lower().endswith(".mat") and not args.input_size:
         from harness.io.imdb import load_imdb
 
-        hwc = tuple(int(d) for d in load_imdb(args.images, finite=False).images.shape[:3])
+        with _naming_images(args.images):
+            hwc = tuple(int(d) for d in load_imdb(args.images, finite=False).images.shape[:3])
         inputs[name] = np.zeros((*hwc, 1))
-    got = load_probe_images(
-        args.images,
-        hwc,
-        args.batch,
-        normalization=net.meta.get("normalization") if isinstance(net.meta, dict) else None,
-        classes=10**9 if label_vars else None,  # checked against the scores below
-        seed=args.seed,
-    )
+    with _naming_images(args.images):
+        got = load_probe_images(
+            args.images,
+            hwc,
+            args.batch,
+            normalization=net.meta.get("normalization") if isinstance(net.meta, dict) else None,
+            classes=10**9 if label_vars else None,  # checked against the scores below
+            seed=args.seed,
+        )
     net.notes = [*net.notes, *got.notes]
     out = {name: got.x}
     for var in label_vars:

@@ -193,3 +193,22 @@ def test_reference_with_images_gives_the_top1_error_and_fills_a_dagnn_input(tmp_
     out = run("reference", "--mcn", str(dag), "--images", str(small), "--batch", "2")
     assert out.returncode == 0, out.stderr
     assert "inputs: data 6 x 5 x 1" in out.stdout and "prediction     4 x 3 x 3" in out.stdout
+
+
+def test_an_imdb_whose_labels_do_not_match_its_images_names_the_images_option(tmp_path):
+    """One more image than labels (the trait of a published MNIST imdb): refused in one
+    line that names --images, for a simplenn and for a DagNN net."""
+    from tests.mcn.test_dagnn_files import dagnn_struct, struct_array_v5
+
+    rng = np.random.RandomState(3)
+    imdb = tmp_path / "imdb.mat"
+    scipy.io.savemat(
+        imdb, {"images": {"data": rng.rand(28, 28, 1, 5), "labels": [[1, 2, 2, 1]], "set": [[3, 3, 3, 3, 3]]}}
+    )
+    dag = tmp_path / "dag.mat"
+    scipy.io.savemat(dag, {"net": {k: struct_array_v5(v) for k, v in dagnn_struct().items()}})
+    for mcn in ("seed", str(dag)):
+        out = run("reference", "--mcn", mcn, "--images", str(imdb))
+        assert out.returncode == 2
+        assert out.stderr.startswith(f"mcn-harness: error: --images {str(imdb)!r}: "), out.stderr
+        assert "labels" in out.stderr and len(out.stderr.strip().splitlines()) == 1

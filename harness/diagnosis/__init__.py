@@ -4,7 +4,8 @@ mistakes (``probe_causes``, each a ``Cause``).
 
 Modules: ``findings`` (the ``Finding`` record and ``diagnose``), ``layer_rules``,
 ``setup_rules`` and ``optimizer_rules`` (the rules; the optimizer table is shared with
-``harness.training.compare_training``), ``causes`` (``Cause`` and ``probe_causes``).
+``harness.training.compare_training``), ``causes`` (``Cause`` and ``probe_causes``),
+``dag_findings`` (``diagnose`` on a DagNN net, through the simplenn layer rules).
 """
 
 from harness.diagnosis.causes import Cause, probe_causes

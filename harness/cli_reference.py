@@ -211,14 +211,13 @@ def _dag_images(net, inputs: dict, label_vars: set, args) -> dict:
 
         with _naming_images(args.images):
             hwc = tuple(int(d) for d in load_imdb(args.images, finite=False).images.shape[:3])
-        inputs[name] = np.zeros((*hwc, 1))
     with _naming_images(args.images):
         got = load_probe_images(
             args.images,
             hwc,
             args.batch,
             normalization=net.meta.get("normalization") if isinstance(net.meta, dict) else None,
-            classes=10**9 if label_vars else None,  # checked against the scores below
+            classes=10**9 if label_vars else None,  # any class: a label past the scores counts as wrong
             seed=args.seed,
         )
     net.notes = [*net.notes, *got.notes]

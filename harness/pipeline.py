@@ -197,7 +197,7 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
     Cause probes are simplenn-only so far."""
     import numpy as np
 
-    from harness.equivalence.dag_feed import declared_shapes
+    from harness.equivalence.dag_feed import declared_shapes, var_shapes
     from harness.equivalence.dag_run import compare_dag
     from harness.io.specs import InputError
     from harness.mcn.geometry import DEFAULT_SPATIAL
@@ -232,16 +232,14 @@ def _check_dag(net, model, x, labels, batch, seed, dtype, mode, weights, input_s
         if labels is not None and len(label_vars) == 1:
             inputs[label_vars[0]] = np.asarray(labels, dtype=np.float64)
         else:
-            probe = net.copy()
-            probe.eval({k: v for k, v in inputs.items() if k in names}, mode="test")
+            data = {k: np.shape(v) for k, v in inputs.items() if k in names}
+            n = next((d[3] if len(d) > 3 else 1 for d in data.values()), 1)
+            per_image = var_shapes(net, {k: (*d, 1, 1)[:3] for k, d in data.items()})
             for layer in losses:
                 if layer.inputs[1] in inputs:
                     continue
-                s = np.asarray(probe.var(layer.inputs[0]).value)
-                s = s.reshape(s.shape + (1,) * (4 - s.ndim))
-                inputs[layer.inputs[1]] = rng.randint(
-                    1, s.shape[2] + 1, size=(*s.shape[:2], 1, s.shape[3])
-                ).astype(np.float64)
+                h, w, c, _ = per_image[layer.inputs[0]][0]
+                inputs[layer.inputs[1]] = rng.randint(1, c + 1, size=(h, w, 1, n)).astype(np.float64)
     report = compare_dag(net, model, inputs, dtype=dtype, mode=mode, weights=weights, seed=seed)
     report.notes = [*net.notes, *fitted, *report.notes]
     return CheckResult(report, [], [])

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.mcn.matfile import _net_from_struct, _read_variables
+from harness.mcn.mat_net import net_from_struct
+from harness.mcn.matfile import _read_variables
 from harness.mcn.net import Net
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
@@ -95,7 +96,7 @@ def load_case(name: str) -> Case:
 def case_net(case: Case, key: str = "net") -> Net:
     """The case's network with omitted filters regenerated from ``weight_recipe_json``
     (float32 draws, cast to double in double-precision cases)."""
-    net = _net_from_struct(case.raw[key], f"{case.name}.{key}")
+    net = net_from_struct(case.raw[key], f"{case.name}.{key}")
     shapes = case.raw.get("shapes", {}).get("net_weights")
     for layer, layer_shapes in zip(net.layers, shapes or [], strict=False):
         layer.weights = [

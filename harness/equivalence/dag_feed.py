@@ -21,6 +21,7 @@ __all__ = [
     "METRIC_LOSSES",
     "ACTIVATION_COPIES",
     "activation_bytes",
+    "var_shapes",
     "check_activation_budget",
     "check_inputs",
     "check_output_count",
@@ -201,25 +202,33 @@ def _dims(shape: tuple) -> str:
     return " x ".join("?" if d is None else str(d) for d in shape)
 
 
-def activation_bytes(net: DagNet, shapes: dict[str, tuple[int, ...]]) -> tuple[int, str]:
-    """Bytes of the float64 values of every var for ONE image with data inputs of ``shapes``
-    (``{var: (H, W, C)}``), and the largest var as ``"'name' (H x W x C)"``: measured by
-    running a copy of the net forward in mode test on one random image (a DagNN's sizes
-    depend on every block's options, Crop's on two inputs; the reference knows them all).
-    Remembered per net and shapes."""
+def var_shapes(net: DagNet, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """``{var: (H x W x C x 1 shape, bytes)}`` of every var the net computes for ONE image
+    with data inputs of ``shapes`` (``{var: (H, W, C)}``), in float64: measured by running a
+    copy of the net forward in mode test on one random image (a DagNN's sizes depend on
+    every block's options, Crop's on two inputs; the reference knows them all). Remembered
+    per net and shapes: the probe's labels and the memory budget read the same pass."""
     key = tuple(sorted((k, tuple(int(d) for d in v[:3])) for k, v in shapes.items()))
     memo = _SIZES.setdefault(net, {})
     if key not in memo:
-        probe = net.copy()
+        probe = net.without_values()  # shares the params: a forward pass in mode test reads them only
         rng = np.random.RandomState(0)
         probe.eval({k: rng.randn(*v, 1) for k, v in key}, mode="test")
-        sized = [
-            (np.asarray(v.value).nbytes, v.name, np.shape(v.value)) for v in probe.vars if v.value is not None
-        ]
-        total = sum(b for b, _, _ in sized)
-        _, name, shape = max(sized) if sized else (0, "", ())
-        memo[key] = (total, f"'{name}' ({' x '.join(str(d) for d in shape[:3])})")
+        memo[key] = {
+            v.name: ((*np.shape(v.value), 1, 1, 1, 1)[:4], np.asarray(v.value).nbytes)
+            for v in probe.vars
+            if v.value is not None
+        }
     return memo[key]
+
+
+def activation_bytes(net: DagNet, shapes: dict[str, tuple[int, ...]]) -> tuple[int, str]:
+    """Bytes of the float64 values of every var for ONE image (``var_shapes``), and the
+    largest var as ``"'name' (H x W x C)"``."""
+    sized = [(nbytes, name, shape) for name, (shape, nbytes) in var_shapes(net, shapes).items()]
+    total = sum(b for b, _, _ in sized)
+    _, name, shape = max(sized) if sized else (0, "", ())
+    return total, f"'{name}' ({' x '.join(str(d) for d in shape[:3])})"
 
 
 def check_activation_budget(net: DagNet, shapes: dict[str, tuple[int, ...]], n: int) -> None:

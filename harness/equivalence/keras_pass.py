@@ -43,9 +43,9 @@ def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
         config["dtype"] = dtype
         return layer.__class__.from_config(config)
 
-    shape = tuple(model.inputs[0].shape[1:])
+    inputs = [keras.Input(tuple(t.shape[1:]), dtype=dtype) for t in model.inputs]
     copy = keras.models.clone_model(
-        model, clone_function=clone, input_tensors=keras.Input(shape, dtype=dtype)
+        model, clone_function=clone, input_tensors=inputs[0] if len(inputs) == 1 else inputs
     )
     copy.set_weights([np.asarray(w, dtype=dtype) for w in model.get_weights()])
     return copy

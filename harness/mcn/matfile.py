@@ -138,7 +138,6 @@ def list_variables(path: str | os.PathLike) -> list[str]:
 
 
 _LOSS_TYPES = ("loss", "softmaxloss")
-_net_from_struct = net_from_struct  # the historical name (tests.golden)
 
 
 # --------------------------------------------------------------------------- DagNN

@@ -153,7 +153,7 @@ def compare_training_dag(
     epochs = epochs_for(epochs_of_steps, len(batches), optimizer)
     rates = np.asarray(opts.learning_rate, dtype=np.float64).ravel()
 
-    model = with_dtype(model, dtype) if len(getattr(model, "inputs", None) or []) == 1 else model
+    model = with_dtype(model, dtype)
     if len(getattr(model, "outputs", None) or dag_outputs(ref)) != len(dag_outputs(ref)):
         raise McnError(
             f"Expected a model with the net's {len(dag_outputs(ref))} output(s) "

@@ -21,7 +21,14 @@ from harness.translate.build import TranslationError, keras_name
 from harness.translate.dag_plan import DagPlan, layer_where
 from harness.translate.weights import conv_to_keras, to_nhwc
 
-__all__ = ["DagBlockBuilder", "block_number", "conv_bias", "required_param", "scale_weights"]
+__all__ = [
+    "DagBlockBuilder",
+    "block_number",
+    "conv_bias",
+    "required_param",
+    "scale_operands",
+    "scale_weights",
+]
 
 
 def block_number(value: Any, default: float) -> float:
@@ -275,7 +282,7 @@ class DagBlockBuilder:
         return self.core(layer, make)(args if len(args) > 1 else args[0])
 
 
-def _scale_operands(layer: DagLayer) -> dict[int, str]:
+def scale_operands(layer: DagLayer) -> dict[int, str]:
     """dagnn.Scale's operands ``[inputs, params]`` held by params: operand index (1 scale,
     2 bias, the bias only with has_bias) -> param name."""
     wanted = (1, 2) if layer.block.get("has_bias", True) else (1,)
@@ -284,13 +291,13 @@ def _scale_operands(layer: DagLayer) -> dict[int, str]:
 
 def scale_weights(layer: DagLayer) -> list[str]:
     """The params a MatConvNetScale layer holds as weights, in its weight order."""
-    return [p for _, p in sorted(_scale_operands(layer).items())]
+    return [p for _, p in sorted(scale_operands(layer).items())]
 
 
 def _scale_weight_shapes(net: DagNet, layer: DagLayer) -> dict[int, tuple[int, ...]]:
     """Operand index (1 scale, 2 bias) -> the Keras shape of the param holding it."""
     out = {}
-    for index, p in _scale_operands(layer).items():
+    for index, p in scale_operands(layer).items():
         value = net.param(p).value
         if is_empty(value):
             raise TranslationError(f"Expected a value for param '{p}'. Received an empty param")

@@ -18,7 +18,13 @@ from harness.mcn.dagnn import DagLayer, DagNet
 from harness.mcn.net import Layer
 from harness.mcn.options import McnError, as_4d
 from harness.translate.build import TranslationError
-from harness.translate.dag_blocks import block_number, conv_bias, required_param, scale_weights
+from harness.translate.dag_blocks import (
+    block_number,
+    conv_bias,
+    required_param,
+    scale_operands,
+    scale_weights,
+)
 from harness.translate.dag_plan import dag_keras_layers, dag_plan, layer_where
 from harness.translate.weights import bnorm_to_keras, conv_to_keras, to_hwcn, to_nhwc
 
@@ -129,21 +135,17 @@ _HELD: dict[str, dict[str, tuple[int, str]]] = {
         "moving_variance": (2, "variance"),
     },
 }
-# dagnn.Scale's operands [inputs, params]: operand 2 is the scale, 3 the bias (1-based)
-_SCALE_OPERANDS = {1: "scale", 2: "bias"}
+# dagnn.Scale's operands held by params (dag_blocks.scale_operands): 1 the scale, 2 the bias
+_SCALE_ROLES = {1: "scale", 2: "bias"}
 MOMENT_ROLES = ("mean", "variance")
 
 
 def held_variables(layer: DagLayer) -> dict[str, tuple[int, str]]:
     """``{Keras variable name: (param position j, role)}`` for the params of ``layer`` that
     its Keras layer holds (roles: kernel, bias, gamma, beta, mean, variance, scale)."""
-    if layer.type == "dagnn.Scale":
-        out = {}
-        for j in range(len(layer.params)):
-            name = _SCALE_OPERANDS.get(len(layer.inputs) + j)
-            if name is not None:
-                out[name] = (j, name)
-        return out
+    if layer.type == "dagnn.Scale":  # the bias only with has_bias, as the Keras layer holds it
+        first = len(layer.inputs)
+        return {_SCALE_ROLES[k]: (k - first, _SCALE_ROLES[k]) for k in scale_operands(layer)}
     return {name: held for name, held in _HELD.get(layer.type, {}).items() if held[0] < len(layer.params)}
 
 

@@ -190,3 +190,22 @@ def test_custom_layers_serialise(tmp_path):
 
 
 # --------------------------------------------------------------------------- golden cases
+
+
+def test_the_multipliers_name_exactly_the_models_trainable_variables():
+    """dag_multipliers (the optimizer's table) holds one entry per trainable Keras variable,
+    also for a Scale without bias that was given a second param (has_bias false)."""
+    from harness.mcn.dagnn import DagLayer, DagNet, Param
+    from harness.translate import to_keras
+    from harness.translate.dag_weights import dag_multipliers
+
+    from .dag_nets import scale_net
+
+    r = np.random.RandomState(0)
+    no_bias = DagNet(
+        [DagLayer("sc", "dagnn.Scale", ["x"], ["y"], ["w", "b"], {"size": [1, 1, 3], "has_bias": False})],
+        params=[Param("w", r.randn(1, 1, 3)), Param("b", r.randn(1, 1, 3))],
+    )
+    for net in (scale_net(), no_bias):
+        model = to_keras(net, input_size=(5, 6, 4) if net is not no_bias else (4, 4, 3))
+        assert set(dag_multipliers(net)) == {v.path for v in model.trainable_variables}

@@ -27,7 +27,6 @@ __all__ = [
     "PARALLEL_MIN",
     "blas_libraries",
     "blas_single_threaded",
-    "blas_threads_controllable",
     "cpu_cores",
     "keep_freed_memory",
     "parallel_map",
@@ -136,11 +135,6 @@ def blas_libraries() -> list[Any]:
     """threadpoolctl's controllers of the BLAS libraries loaded in this process (with their
     file, ``dynlib`` handle and symbol names); empty without threadpoolctl."""
     return list(_blas_controllers())
-
-
-def blas_threads_controllable() -> bool:
-    """Whether ``blas_single_threaded`` can act (threadpoolctl found the BLAS)."""
-    return bool(_blas_controllers())
 
 
 @contextlib.contextmanager

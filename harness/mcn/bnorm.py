@@ -18,15 +18,28 @@ from harness.mcn.options import McnError, as_4d, float_dtype, is_empty
 __all__ = ["vl_nnbnorm"]
 
 
-def _per_channel(a: np.ndarray) -> np.ndarray:
-    """A length-C vector as a 1 x 1 x C x 1 array, to broadcast over H x W x C x N."""
-    return a.reshape(1, 1, -1, 1)
+def _channel_rows(x: np.ndarray) -> np.ndarray:
+    """H x W x C x N as an (H*W) x (C*N) array (a view when x is C-contiguous): a per-channel
+    vector broadcasts over it as one long row (``_per_channel``), where over H x W x C x N
+    numpy would run one loop of N numbers per pixel and channel."""
+    h, w, c, n = x.shape
+    return x.reshape(h * w, c * n)
+
+
+def _per_channel(v: np.ndarray, n: int) -> np.ndarray:
+    """A length-C vector as the row of C*N numbers that matches ``_channel_rows``."""
+    return np.repeat(v, n)
 
 
 def _channel_columns(a: np.ndarray) -> np.ndarray:
     """H x W x C x N as a C-contiguous (N*W*H) x C array: each channel's values down its
-    column in MatConvNet's memory order (H fastest, then W, then N)."""
-    return np.ascontiguousarray(a.transpose(3, 1, 0, 2)).reshape(-1, a.shape[2])
+    column in MatConvNet's memory order (H fastest, then W, then N). In two copies: each
+    pixel's C x N block turned to N x C, then the blocks moved as runs of C numbers, which
+    is about twice as fast as numpy's one strided copy (each element of which reads
+    another cache line)."""
+    h, w, c, n = a.shape
+    pixels_nc = np.ascontiguousarray(a.transpose(0, 1, 3, 2))
+    return np.ascontiguousarray(pixels_nc.transpose(2, 1, 0, 3)).reshape(-1, c)
 
 
 def _sequential_sum(columns: np.ndarray) -> np.ndarray:
@@ -134,6 +147,7 @@ def vl_nnbnorm(
     if given:
         mu, sigma = _given_moments(moments, depth, dt)
     mass = dt.type(x.shape[0] * x.shape[1] * x.shape[3])
+    n = x.shape[3]
 
     if is_empty(dzdy):
         if not given:
@@ -142,9 +156,10 @@ def vl_nnbnorm(
             mu = s1 / mass
             sigma = np.sqrt(np.maximum(dt.type(0), s2 / mass - mu * mu) + eps)
         # (g / sigma) * (x - mu) + b, in place: the same roundings without temporaries
-        y = x - _per_channel(mu)
-        y *= _per_channel(g / sigma)
-        y += _per_channel(b)
+        y = _channel_rows(x) - _per_channel(mu, n)
+        y *= _per_channel(g / sigma, n)
+        y += _per_channel(b, n)
+        y = y.reshape(x.shape)
         return (y, np.stack([mu, sigma], axis=1)) if return_moments else y
 
     dzdy = as_4d(np.asarray(dzdy), "dzdy")
@@ -161,9 +176,10 @@ def vl_nnbnorm(
     g1 = g / sigma
     g2 = g1 * dzdg / (mass * sigma)
     # g1 * (dzdy - dzdb / M) - g2 * (x - mu), in place: the same roundings without temporaries
-    centred = x - _per_channel(mu)
-    centred *= _per_channel(g2)
-    dzdx = dzdy - _per_channel(dzdb / mass)
-    dzdx *= _per_channel(g1)
+    centred = _channel_rows(x) - _per_channel(mu, n)
+    centred *= _per_channel(g2, n)
+    dzdx = _channel_rows(dzdy) - _per_channel(dzdb / mass, n)
+    dzdx *= _per_channel(g1, n)
     dzdx -= centred
-    return dzdx, dzdg.reshape(depth, 1), dzdb.reshape(depth, 1), np.stack([mu, sigma], axis=1)
+    moments_used = np.stack([mu, sigma], axis=1)
+    return dzdx.reshape(x.shape), dzdg.reshape(depth, 1), dzdb.reshape(depth, 1), moments_used

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from harness.mcn.geometry import conv_output_size, convt_output_size, empty_filters_error
+from harness.mcn.kernels import threads
 from harness.mcn.kernels.conv_gemm import ConvGeometry, bias_sums, conv_backward, conv_forward
 from harness.mcn.options import (
     McnError,
@@ -83,8 +84,10 @@ def vl_nnconv(
     if dzdy is None:
         return conv_forward(x, f, g, bvec)
     dzdy = _dzdy(dzdy, (ho, wo, k, n), dt)
+    # The bias derivative (a pass over dzdy) runs beside the products when worth a thread.
+    dzdb = threads.background(_dzdb, dzdy, b, bvec) if dzdy.size >= threads.PARALLEL_MIN else None
     dzdx, dzdf = conv_backward(x, dzdy, f, g, (h, w), data=True)
-    return dzdx, dzdf, _dzdb(dzdy, b, bvec)
+    return dzdx, dzdf, (_dzdb(dzdy, b, bvec) if dzdb is None else dzdb())
 
 
 def _subsample(

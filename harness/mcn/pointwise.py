@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.mcn.kernels import threads
 from harness.mcn.options import McnError, as_4d, float_dtype
 
 __all__ = ["vl_nndropout", "vl_nnrelu", "vl_nnsigmoid", "vl_nnsoftmax"]
@@ -52,10 +53,15 @@ def vl_nnrelu(x: np.ndarray, dzdy: np.ndarray | None = None, *, leak: float = 0.
         raise McnError(f"Expected leak to be a finite scalar. Received leak={leak!r}")
     leak = float(leak_arr.ravel()[0])
     if leak == 0:
+        # The passes over memory are shared among the cores by rows (threads.split_rows):
+        # each element is computed alone, so the split changes no value.
+        zero, out = dt.type(0), np.empty(x.shape, dt)
         if dzdy is None:
             # MATLAB's max(x, 0) ignores NaN, as fmax does.
-            return np.fmax(x, dt.type(0))
-        return dzdy * (x > 0)
+            threads.split_rows(lambda r: np.fmax(x[r], zero, out=out[r]), x.shape[0], x.size)
+        else:
+            threads.split_rows(lambda r: np.multiply(dzdy[r], x[r] > zero, out=out[r]), x.shape[0], x.size)
+        return out
     # MATLAB forms the factor in double (leak + (1 - leak) need not be exactly 1) and
     # converts it to the class of x before multiplying.
     factor = np.where(x > 0, dt.type(leak + (1 - leak) * 1.0), dt.type(leak))

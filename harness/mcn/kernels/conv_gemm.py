@@ -94,8 +94,10 @@ Derivatives = tuple[np.ndarray | None, np.ndarray | None]
 # outputs, of the rows a filter-derivative part reads): about what a core's cache holds.
 CHUNK_BYTES = 1 << 20
 # The output rows are cut into at least this many blocks when there are rows enough, so
-# that the threads share the work evenly even when one of them is slowed down.
-MIN_BLOCKS = 8
+# that the threads share the work evenly even when one of them is slowed down. More
+# blocks make the products of small layers (a ResNet's 16x16x64 at batch 16) too short:
+# 8 cost bench_family's resnet case 8% against 4 (median of 40 interleaved passes).
+MIN_BLOCKS = 4
 # The tap products (see rows_forward) take over from the column matrix when they contract
 # over FC >= ROWS_MIN_DEPTH channels (thinner products waste the BLAS: the column matrix
 # contracts over FH*FW*FC) and the layer has ROWS_MIN_PIXELS output pixels (Ho*Wo*N) or more.

@@ -44,8 +44,8 @@ def _to_grid(
     pad crops) in the pixel-major layout: ``(G, (H'*W' + slack)*N, C/G)`` where row
     ``(y*W' + x)*N + n`` of group q holds ``a_padded[y, x, q*C/G:(q+1)*C/G, n]``, followed by
     ``slack`` pixels of zeros (which the last row's shifted blocks may read). Returns the
-    array, H' and W'. On the calling thread: sharing the copy among the cores gains little
-    (it runs at memory speed) and adds a wait for the slowest of them."""
+    array, H' and W'. The copy turns each pixel's C x N block around: on large inputs it is
+    shared among the cores by rows (threads.split_rows)."""
     h, w, c, n = a.shape
     t, b, left, r = pads
     hg, wg, cg = h + t + b, w + left + r, c // groups
@@ -58,7 +58,9 @@ def _to_grid(
     grid[:, y0:y1, x1:] = 0
     flat[:, hg * wg * n :] = 0
     src = a[max(-t, 0) : h - max(-b, 0), max(-left, 0) : w - max(-r, 0)]
-    np.copyto(grid[:, y0:y1, x0:x1], src.reshape(y1 - y0, x1 - x0, groups, cg, n).transpose(2, 0, 1, 4, 3))
+    src = src.reshape(y1 - y0, x1 - x0, groups, cg, n).transpose(2, 0, 1, 4, 3)
+    dst = grid[:, y0:y1, x0:x1]
+    threads.split_rows(lambda rows: np.copyto(dst[:, rows], src[:, rows]), y1 - y0, src.size)
     return flat, hg, wg
 
 

@@ -161,6 +161,32 @@ def test_run_tasks_nested_in_a_pool_thread_completes():
     assert sorted(done) == [(t, i) for t in range(4) for i in range(5)]
 
 
+def test_split_rows_covers_every_row_once_and_shares_large_arrays(monkeypatch):
+    monkeypatch.setattr(threads, "cpu_cores", lambda: 2)
+    for rows, size, parts in ((7, threads.PARALLEL_MIN_ELEMENTWISE, 2), (7, 10, 1), (1, 2**30, 1)):
+        seen: list[slice] = []
+        threads.split_rows(seen.append, rows, size)  # list.append is atomic under the GIL
+        assert len(seen) == parts
+        assert sorted(i for part in seen for i in range(rows)[part]) == list(range(rows))
+
+
+def test_background_gives_its_result_or_its_error_and_never_waits_on_a_busy_pool():
+    assert threads.background(sum, [1, 2, 3])() == 6
+    failing = threads.background(int, "not a number")
+    with pytest.raises(ValueError):
+        failing()
+    # Called from the pool's own threads (all busy running these tasks), the work runs on
+    # the caller when asked for instead of waiting for a thread that never comes.
+    results = []
+
+    def task(t: int, worker: int) -> None:
+        get = threads.background(lambda v: v * 10, t)
+        results.append(get())
+
+    threads.run_tasks(task, 6, 2)
+    assert sorted(results) == [0, 10, 20, 30, 40, 50]
+
+
 def test_blas_single_threaded_nests_and_restores():
     libs = threads.blas_libraries()
     before = [lib.num_threads for lib in libs]

@@ -141,3 +141,22 @@ X = np.zeros((2, 3, 4, 1), np.float32)
 def test_bad_input_names_the_argument(call, name):
     with pytest.raises(McnError, match=rf"Received .*\b{name}\b"):
         call()
+
+
+def test_relu_shared_among_cores_is_bitwise_matlabs_formula(monkeypatch):
+    """Above threads.PARALLEL_MIN_ELEMENTWISE the passes are split by rows among the cores:
+    the values are MATLAB's max(x, 0) and dzdy .* (x > 0) bit for bit, NaN, infinities and
+    signed zeros included."""
+    from harness.mcn.kernels import threads
+
+    monkeypatch.setattr(threads, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_ELEMENTWISE", 64)
+    rng = np.random.default_rng(5)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45], np.float32)
+    x = rng.standard_normal((9, 5, 4, 3)).astype(np.float32)
+    dzdy = rng.standard_normal(x.shape).astype(np.float32)
+    x.flat[: special.size], dzdy.flat[-special.size :] = special, special
+    y, dzdx = vl_nnrelu(x), vl_nnrelu(x, dzdy)
+    assert y.dtype == dzdx.dtype == np.float32
+    np.testing.assert_array_equal(y.view(np.int32), np.fmax(x, np.float32(0)).view(np.int32))
+    np.testing.assert_array_equal(dzdx.view(np.int32), (dzdy * (x > 0)).view(np.int32))

@@ -34,6 +34,7 @@ from harness.equivalence.dag_feed import (
     model_tensors,
     normalised,
     seeded_losses,
+    var_shapes,
 )
 from harness.equivalence.dag_rows import DagRows, param_variables
 from harness.equivalence.keras_pass import KerasSide, keras_batch_loss
@@ -174,18 +175,20 @@ def compare_dag(
         name: np.asarray(value, dtype=np_dtype if name in data_vars else np.float64)
         for name, value in inputs.items()
     }
+    # One pass, forward and backward (the values are kept: conserveMemory false); the DropOut
+    # masks it drew are read afterwards for the Keras side. Without a loss, ones are seeded
+    # on every output, sized by the budget's probe of this net (var_shapes, remembered).
     rng = np.random.default_rng(seed)
     net.reset()
-    net.eval(feed, mode=mode, rng=rng, lrn_exact=True)
+    seeds = None
+    if backward and losses:
+        seeds = {l.outputs[0]: 1.0 for l in losses}
+    elif backward:
+        sized = var_shapes(given, {v: x.shape[:3] for v, x in xs.items()})
+        seeds = {v: np.ones((*sized[v][0][:3], n), np_dtype) for v in outputs}
+    net.eval(feed, seeds, mode=mode, rng=rng, lrn_exact=True)
     drops = [net.layers[i] for i in order if net.layers[i].type == "dagnn.DropOut"]
     masks = {l.name: l.state["mask"] for l in drops if mode == "normal" and l.state.get("mask") is not None}
-    if backward:
-        if losses:
-            seeds = {l.outputs[0]: 1.0 for l in losses}
-        else:
-            seeds = {v: np.ones_like(net.var(v).value) for v in outputs}
-        net.reset()
-        net.eval(feed, seeds, mode=mode, masks=masks, lrn_exact=True)
 
     # ---- the Keras side
     x_nhwc = batch(np_dtype)

@@ -40,6 +40,7 @@ __all__ = [
     "accumulate_gradients_dag",
     "cnn_train_dag",
     "cnn_train_dag_step",
+    "der_objective",
     "fresh_dag_state",
     "split_batch",
 ]
@@ -154,8 +155,10 @@ def _train_batch(
     opts: TrainOpts,
     der_outputs: Mapping[str, Any],
     rng: np.random.Generator | None,
+    objectives: list[float] | None = None,
 ) -> int:
-    """One batch of processEpoch in mode 'train' (sub-batches, then the update); in place."""
+    """One batch of processEpoch in mode 'train' (sub-batches, then the update); in place.
+    ``objectives`` (if given) receives each evaluated sub-batch's ``der_objective``."""
     S = opts.num_sub_batches
     num = 0
     for s in range(S):
@@ -169,9 +172,17 @@ def _train_batch(
             v.der = None
         net.accumulate_param_ders = s != 0
         net.eval(sub, der_outputs, mode="normal", rng=rng)
+        if objectives is not None:
+            objectives.append(der_objective(net, der_outputs))
     net.accumulate_param_ders = False
     accumulate_gradients_dag(net, state, opts, lr, S)
     return num
+
+
+def der_objective(net: DagNet, der_outputs: Mapping[str, Any]) -> float:
+    """What an eval with ``der_outputs`` differentiates, from the values it left: the sum
+    over its vars of ``der .* value`` (``weight * loss`` for a Loss output)."""
+    return float(sum(np.sum(np.asarray(w) * np.asarray(net.var(v).value)) for v, w in der_outputs.items()))
 
 
 def _check(net: Any, opts: Any) -> TrainOpts:
@@ -202,16 +213,19 @@ def cnn_train_dag_step(
     ``opts.learning_rate``; DropOut masks come from ``rng``.
 
     Returns ``(net, state, stats)``, new objects (the inputs are not modified): ``stats``
-    holds ``num`` and every Loss layer's average over this batch (``objective``,
-    ``top1err`` ...), as cnn_train_dag reports after a first batch."""
+    holds ``num``, every Loss layer's average over this batch (``objective``, ``top1err``
+    ...), as cnn_train_dag reports after a first batch, and ``der_objective``: the mean
+    over the ``opts.num_sub_batches`` sub-batches of ``der_objective(net, der_outputs)``
+    before the update (an empty sub-batch counts 0), what the step differentiated."""
     opts = _check(net, opts)
     lr = float(opts.learning_rate[0]) if learning_rate is None else real_part(learning_rate, "learning_rate")
     net = net.copy()
     state = resumed_state(
         state, fresh_dag_state(net)["solverState"], partial(_copy_entries, net), per="param"
     )
-    num = _train_batch(net, state, inputs, lr, opts, der_outputs or DEFAULT_DER_OUTPUTS, rng)
-    stats = {"num": num, **_stats(net)}
+    seen: list[float] = []
+    num = _train_batch(net, state, inputs, lr, opts, der_outputs or DEFAULT_DER_OUTPUTS, rng, seen)
+    stats = {"num": num, **_stats(net), "der_objective": sum(seen) / opts.num_sub_batches}
     net.reset()
     return net, state, stats
 

@@ -46,7 +46,7 @@ from harness.equivalence.keras_pass import keras_batch_loss, with_dtype
 from harness.mcn.dagnn import DagLayer, DagNet
 from harness.mcn.dagnn_blocks import parse_opts
 from harness.mcn.options import McnError, as_4d
-from harness.mcn.train_dag import cnn_train_dag_step, split_batch
+from harness.mcn.train_dag import cnn_train_dag_step
 from harness.mcn.train_options import TrainOpts
 from harness.training.dag_state import dag_keras_params, dag_reference_value, optimizer_view
 from harness.training.keras_step import current_learning_rate, keras_apply_step
@@ -190,8 +190,10 @@ def compare_training_dag(
     der = {s.layer.outputs[0]: s.weight for s in seeds}
     for k, (inputs, epoch) in enumerate(zip(batches, epochs, strict=True)):
         step, lr = k + 1, rate_of(rates, epoch)
-        objective = _objective(ref, inputs, der, opts.num_sub_batches)
-        ref, state, _ = cnn_train_dag_step(ref, state, inputs, learning_rate=lr, opts=opts, der_outputs=der)
+        ref, state, ref_stats = cnn_train_dag_step(
+            ref, state, inputs, learning_rate=lr, opts=opts, der_outputs=der
+        )
+        objective = ref_stats["der_objective"]  # before the update, from the step's own forward pass
         k_lr = current_learning_rate(optimizer)
         feed, loss = _keras_side(inputs, data_vars, seeds, dtype, opts.num_sub_batches)
         k_obj = keras_apply_step(model, optimizer, feed, loss)
@@ -290,19 +292,6 @@ def _batch(net: DagNet, b: Any, k: int, data_vars: list[str], seeds: list[_Seed]
             raise McnError(f"Expected batches[{k}][{name!r}] to be a float array. Received dtype={a.dtype}")
         out[name] = a.astype(np.float64)
     return out
-
-
-def _objective(net: DagNet, inputs: dict, der: dict[str, float], num: int) -> float:
-    """The objective cnn_train_dag differentiates on this batch, before the step: the mean
-    over the ``num`` sub-batches of the der_outputs-weighted Loss outputs (a forward pass)."""
-    probe = net.without_values()
-    total = 0.0
-    for s in range(num):
-        sub, n = split_batch(inputs, s, num)
-        if n:
-            probe.eval(sub, mode="normal")
-            total += sum(w * float(np.asarray(probe.var(v).value).ravel()[0]) for v, w in der.items())
-    return total / num
 
 
 def _keras_side(inputs: dict, data_vars: list[str], seeds: list[_Seed], dtype: str, num: int):

@@ -109,7 +109,15 @@ def test_cnn_train_dag_whole_run_and_step():
     looped, state2, _ = cnn_train_dag(net, data, opts, [0.05], [[idx]])
     for a, b in zip(stepped.params, looped.params, strict=True):
         np.testing.assert_array_equal(a.value, b.value)
-    assert stats1["num"] == 4 and set(stats1) == {"num", "objective", "top1err"}
+    assert stats1["num"] == 4 and set(stats1) == {"num", "objective", "top1err", "der_objective"}
+    # der_objective: the objective the step differentiated, i.e. the loss of the net BEFORE
+    # the update on this batch (one sub-batch here), measured by a separate forward pass.
+    assert opts.num_sub_batches == 1
+    probe = net.copy()
+    probe.eval(inputs, mode="normal")
+    assert stats1["der_objective"] == float(np.asarray(probe.var("objective").value).ravel()[0])
+    stepped.eval(inputs, mode="normal")  # after the update it differs
+    assert stats1["der_objective"] != float(np.asarray(stepped.var("objective").value).ravel()[0])
     assert state1["solverState"][3] == 0  # bn1_m: trained by 'average', no solver state
 
 

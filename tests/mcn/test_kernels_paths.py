@@ -321,28 +321,6 @@ def test_to_grid_pads_crops_and_groups():
         np.testing.assert_array_equal(flat[q, hg * wg * 3 :], 0)
 
 
-@pytest.mark.parametrize("pads", [(2, -1, -2, 1), (0, 0, 0, 0), (1, 3, 2, 0), (-2, -1, 0, -1)])
-def test_grid_blocks_are_the_rows_of_the_whole_grid(pads):
-    """The tap products copy, per block, the grid rows they read (conv_rows._Grid): each
-    block is exactly those rows of _to_grid's whole grid, followed by zeros, over any
-    earlier contents of the thread's buffer."""
-    rng = np.random.default_rng(6)
-    a = rng.standard_normal((6, 5, 4, 3))
-    slack = 2
-    flat, hg, wg = conv_rows._to_grid(a, pads, 2, slack, lambda s, d: np.full(s, np.nan, d))
-    grid = conv_rows._Grid(a, pads, 2, slack)
-    assert (grid.hg, grid.wg) == (hg, wg)
-    for q in range(2):
-        for y0 in range(hg):
-            for count in range(1, hg - y0 + 1):
-                block = grid.block(q, y0, count, worker=0)
-                rows = count * wg * 3
-                np.testing.assert_array_equal(block[:rows], flat[q, y0 * wg * 3 : y0 * wg * 3 + rows])
-                np.testing.assert_array_equal(block[rows:], 0)
-                assert block.shape == (rows + slack * 3, 2)
-                block.fill(np.nan)  # the next block must overwrite all of it
-
-
 @pytest.mark.parametrize(
     "fshape, stride, dilate",
     [((3, 3, 4, 4), (1, 1), (1, 1)), ((5, 2, 4, 4), (2, 2), (2, 1)), ((11, 3, 4, 4), (4, 3), (1, 1))],

@@ -34,7 +34,6 @@ from harness.equivalence.dag_feed import (
     model_tensors,
     normalised,
     seeded_losses,
-    var_shapes,
 )
 from harness.equivalence.dag_rows import DagRows, param_variables
 from harness.equivalence.keras_pass import KerasSide, keras_batch_loss
@@ -175,18 +174,17 @@ def compare_dag(
         name: np.asarray(value, dtype=np_dtype if name in data_vars else np.float64)
         for name, value in inputs.items()
     }
-    # One pass, forward and backward (the values are kept: conserveMemory false); the DropOut
-    # masks it drew are read afterwards for the Keras side. Without a loss, ones are seeded
-    # on every output, sized by the budget's probe of this net (var_shapes, remembered).
-    rng = np.random.default_rng(seed)
+    # With a loss, one pass, forward and backward (the values are kept: conserveMemory
+    # false). Without one, ones are seeded on every output, shaped as a forward pass finds
+    # them first. The DropOut masks are drawn from the same seed in every pass, and read
+    # afterwards for the Keras side.
+    seeds = {l.outputs[0]: 1.0 for l in losses} if backward and losses else None
+    if backward and not losses:
+        net.reset()
+        net.eval(feed, mode=mode, rng=np.random.default_rng(seed), lrn_exact=True)
+        seeds = {v: np.ones_like(net.var(v).value) for v in outputs}
     net.reset()
-    seeds = None
-    if backward and losses:
-        seeds = {l.outputs[0]: 1.0 for l in losses}
-    elif backward:
-        sized = var_shapes(given, {v: x.shape[:3] for v, x in xs.items()})
-        seeds = {v: np.ones((*sized[v][0][:3], n), np_dtype) for v in outputs}
-    net.eval(feed, seeds, mode=mode, rng=rng, lrn_exact=True)
+    net.eval(feed, seeds, mode=mode, rng=np.random.default_rng(seed), lrn_exact=True)
     drops = [net.layers[i] for i in order if net.layers[i].type == "dagnn.DropOut"]
     masks = {l.name: l.state["mask"] for l in drops if mode == "normal" and l.state.get("mask") is not None}
 

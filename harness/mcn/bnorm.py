@@ -37,9 +37,8 @@ def _channel_columns(a: np.ndarray) -> np.ndarray:
     pixel's C x N block turned to N x C, then the blocks moved as runs of C numbers, which
     is about twice as fast as numpy's one strided copy (each element of which reads
     another cache line)."""
-    h, w, c, n = a.shape
     pixels_nc = np.ascontiguousarray(a.transpose(0, 1, 3, 2))
-    return np.ascontiguousarray(pixels_nc.transpose(2, 1, 0, 3)).reshape(-1, c)
+    return np.ascontiguousarray(pixels_nc.transpose(2, 1, 0, 3)).reshape(-1, a.shape[2])
 
 
 def _sequential_sum(columns: np.ndarray) -> np.ndarray:

@@ -181,8 +181,15 @@ def _train_batch(
 
 def der_objective(net: DagNet, der_outputs: Mapping[str, Any]) -> float:
     """What an eval with ``der_outputs`` differentiates, from the values it left: the sum
-    over its vars of ``der .* value`` (``weight * loss`` for a Loss output)."""
-    return float(sum(np.sum(np.asarray(w) * np.asarray(net.var(v).value)) for v, w in der_outputs.items()))
+    over its vars of ``der .* value`` (``weight * loss`` for a Loss output); NaN when one
+    of them holds no value (its layer did not run)."""
+    total = 0.0
+    for v, w in der_outputs.items():
+        value = net.var(v).value
+        if value is None:
+            return float("nan")
+        total += float(np.sum(np.asarray(w) * np.asarray(value)))
+    return total
 
 
 def _check(net: Any, opts: Any) -> TrainOpts:

@@ -30,6 +30,7 @@ import numpy as np
 from harness.diagnosis.findings import Finding
 from harness.diagnosis.layer_rules import layer_findings
 from harness.equivalence.align import Alignment, Pair, keras_kind
+from harness.equivalence.dag_feed import loss_type
 from harness.mcn.dagnn import DagLayer, DagNet
 from harness.mcn.dagnn_blocks import parse_opts, supported
 from harness.mcn.geometry import DEFAULT_SPATIAL
@@ -160,7 +161,7 @@ def _leak(layer: DagLayer) -> float:
 
 
 def _softmaxlog(layer: DagLayer) -> bool:
-    return str(layer.block.get("loss", "softmaxlog")).lower() == "softmaxlog"
+    return loss_type(layer) == "softmaxlog"
 
 
 def _activation(klayer) -> str | None:

@@ -12,6 +12,7 @@ harness.mcn.kernels.conv_gemm.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -85,9 +86,10 @@ def vl_nnconv(
         return conv_forward(x, f, g, bvec)
     dzdy = _dzdy(dzdy, (ho, wo, k, n), dt)
     # The bias derivative (a pass over dzdy) runs beside the products when worth a thread.
-    dzdb = threads.background(_dzdb, dzdy, b, bvec) if dzdy.size >= threads.PARALLEL_MIN else None
+    later = threads.background if dzdy.size >= threads.PARALLEL_MIN else partial
+    dzdb = later(_dzdb, dzdy, b, bvec)
     dzdx, dzdf = conv_backward(x, dzdy, f, g, (h, w), data=True)
-    return dzdx, dzdf, (_dzdb(dzdy, b, bvec) if dzdb is None else dzdb())
+    return dzdx, dzdf, dzdb()
 
 
 def _subsample(

@@ -123,10 +123,10 @@ def _ints(value: Any, name: str) -> tuple[int, ...]:
         items = None
     if items is not None:
         if not all(math.isfinite(v) and v == round(v) for v in items):
-            raise McnError(f"Expected {name} to be integers. Received {name}={value!r}")
+            raise _not_integers(name, value)
         return tuple(int(v) for v in items)
     if isinstance(value, str | dict) or np.iscomplexobj(value):
-        raise McnError(f"Expected {name} to be integers. Received {name}={value!r}")
+        raise _not_integers(name, value)
     try:
         arr = np.asarray(value, dtype=float).ravel()
     except (TypeError, ValueError):
@@ -134,8 +134,12 @@ def _ints(value: Any, name: str) -> tuple[int, ...]:
             f"Expected {name} to be integers. Received {name} of type {type(value).__name__}"
         ) from None
     if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-        raise McnError(f"Expected {name} to be integers. Received {name}={value!r}")
+        raise _not_integers(name, value)
     return tuple(int(v) for v in arr)
+
+
+def _not_integers(name: str, value: Any) -> McnError:
+    return McnError(f"Expected {name} to be integers. Received {name}={value!r}")
 
 
 def pair(value: Any, name: str, minimum: int = 1) -> tuple[int, int]:

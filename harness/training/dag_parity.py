@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.equivalence.dag_feed import loss_type
 from harness.io.imdb import Imdb
 from harness.mcn.dagnn import DagNet
 from harness.mcn.options import McnError
@@ -56,7 +57,7 @@ def dag_training_vars(net: DagNet) -> tuple[str, list[str], dict[str, float]]:
             "parity feeds the imdb's images into one"
         )
     losses = [l for l in net.layers if l.type == "dagnn.Loss" and len(l.inputs) > 1]
-    trained = [l for l in losses if str(l.block.get("loss", "softmaxlog")).lower() in _TRAINED]
+    trained = [l for l in losses if loss_type(l) in _TRAINED]
     if not trained:
         raise McnError(
             "the DagNN network has no dagnn.Loss layer (softmaxlog or log, of scores and labels) to "

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.diagnosis.optimizer_rules import optimizer_differences
+from harness.equivalence.dag_feed import loss_type
 from harness.equivalence.keras_pass import keras_batch_loss, with_dtype
 from harness.mcn.dagnn import DagLayer, DagNet
 from harness.mcn.dagnn_blocks import parse_opts
@@ -243,7 +244,7 @@ def _seeds(net: DagNet, der_outputs: Any) -> list[_Seed]:
                 "der_outputs={'<var>': 1})"
             )
         where = f"der_outputs: layer '{layer.name}' (dagnn.Loss)"
-        kind = str(layer.block.get("loss", "softmaxlog")).lower()
+        kind = loss_type(layer)
         options = parse_opts(layer.block.get("opts", []), _LOSS_OPTIONS, "vl_nnloss")
         if kind not in _PROBABILITIES or len(layer.inputs) != 2:
             raise McnError(

@@ -1,0 +1,71 @@
+"""Loops compiled by numba, for the ops whose numpy form spends its time moving data.
+
+A numpy expression of an op such as batch normalisation makes one pass over memory per
+operation and, where MatConvNet's order of additions runs across the array's layout,
+another copy to put the numbers in that order. A compiled loop reads each element once
+and does the same float operations in the same order: the results are the same bits
+(tests/mcn/test_jit_loops.py checks every loop against its numpy definition).
+
+``Compiled(fn)`` compiles ``fn`` with numba on its first call (numba is imported only
+then, so that programs which never call such a loop do not pay for it), caching the
+machine code beside the module when that directory is writable and compiling afresh in
+each process otherwise. Without numba (or with ``ENABLED`` set to False, or
+``MCN_HARNESS_NO_JIT=1`` in the environment) ``available()`` is False and the callers
+keep their numpy form. numba is told neither ``fastmath`` nor ``parallel``: the
+compiler may not reassociate a sum or fuse a product into an addition, so each float
+operation rounds as its numpy counterpart does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ENABLED", "Compiled", "available"]
+
+# Whether the compiled loops may be used at all (tests turn it off to run the numpy forms).
+ENABLED = os.environ.get("MCN_HARNESS_NO_JIT", "") not in ("1", "true", "yes")
+_state: dict[str, Any] = {"numba": None}
+_lock = threading.Lock()
+
+
+def _numba() -> Any:
+    """The numba module, or False when it cannot be imported (looked up once)."""
+    if _state["numba"] is None:
+        try:
+            import numba
+        except Exception:  # noqa: BLE001 - a broken install is as good as none
+            _state["numba"] = False
+        else:
+            _state["numba"] = numba
+    return _state["numba"]
+
+
+def available() -> bool:
+    """Whether the compiled loops are used (numba imports and ``ENABLED``)."""
+    return ENABLED and bool(_numba())
+
+
+class Compiled:
+    """``fn`` compiled by numba (nopython mode, the GIL released) on its first call."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._impl: Callable[..., Any] | None = None
+        self.__doc__, self.__name__ = fn.__doc__, fn.__name__
+
+    def _compile(self) -> Callable[..., Any]:
+        with _lock:
+            if self._impl is None:
+                numba = _numba()
+                try:
+                    impl = numba.njit(cache=True, nogil=True)(self.fn)
+                except RuntimeError:  # no writable cache directory: compile in each process
+                    impl = numba.njit(nogil=True)(self.fn)
+                self._impl = impl
+        return self._impl
+
+    def __call__(self, *args: Any) -> Any:
+        return (self._impl or self._compile())(*args)

@@ -1,0 +1,95 @@
+"""The compiled loops (harness.mcn.kernels.jit) give the bits of their numpy definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness.mcn import bnorm, vl_nnbnorm
+from harness.mcn.kernels import bnorm_loops, jit
+
+pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
+
+SHAPES = [(6, 7, 3, 1), (30, 30, 1, 7), (1, 1, 5, 300), (2, 2, 4096, 2), (32, 32, 32, 16), (9, 9, 17, 33)]
+
+
+def _data(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = ((rng.standard_normal(shape) + 3) * rng.uniform(0.1, 100)).astype(dtype)
+    d = rng.standard_normal(shape).astype(dtype)
+    return x, d
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sums_bitwise(shape, dtype):
+    x, d = _data(shape, dtype, 1)
+    for got, want in zip(bnorm_loops.moment_sums(x), bnorm._numpy_moment_sums(x), strict=True):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(bnorm_loops.derivative_sums(x, d), bnorm._numpy_derivative_sums(x, d), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elementwise_passes_bitwise(shape, dtype):
+    x, d = _data(shape, dtype, 2)
+    rng = np.random.default_rng(3)
+    mu, a, b, c = (rng.standard_normal(shape[2]).astype(dtype) for _ in range(4))
+    np.testing.assert_array_equal(bnorm_loops.normalize(x, mu, a, b), bnorm._numpy_normalize(x, mu, a, b))
+    np.testing.assert_array_equal(
+        bnorm_loops.normalize_backward(x, d, mu, a, b, c), bnorm._numpy_normalize_backward(x, d, mu, a, b, c)
+    )
+
+
+def _both(monkeypatch, fn):
+    """fn() with the compiled loops, then with the numpy definitions."""
+    compiled = fn()
+    monkeypatch.setattr(jit, "ENABLED", False)
+    assert not jit.available()
+    plain = fn()
+    monkeypatch.setattr(jit, "ENABLED", True)
+    return compiled, plain
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 6), st.integers(1, 5)),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+    given_moments=st.booleans(),
+    specials=st.booleans(),
+)
+def test_vl_nnbnorm_same_bits_either_way(shape, dtype, seed, given_moments, specials):
+    """Forward and backward, batch or given moments, with NaN and infinities in x when
+    ``specials``: every output is the same array with and without numba."""
+    x, d = _data(shape, dtype, seed)
+    if specials:
+        x.flat[:: max(1, x.size // 3)] = [np.nan, np.inf, -np.inf][: len(x.flat[:: max(1, x.size // 3)])]
+    rng = np.random.default_rng(seed)
+    g, b = rng.uniform(0.5, 2, shape[2]), rng.uniform(-1, 1, shape[2])
+    moments = None
+    if given_moments:
+        moments = np.stack([rng.uniform(-1, 1, shape[2]), rng.uniform(0.5, 2, shape[2])], axis=1)
+    with pytest.MonkeyPatch.context() as mp:
+        fwd = _both(mp, lambda: vl_nnbnorm(x, g, b, moments=moments, return_moments=True))
+        bwd = _both(mp, lambda: vl_nnbnorm(x, g, b, d, moments=moments))
+    for compiled, plain in (fwd, bwd):
+        for got, want in zip(compiled, plain, strict=True):
+            assert got.dtype == want.dtype == dtype
+            np.testing.assert_array_equal(got, want)
+
+
+def test_non_contiguous_inputs(monkeypatch):
+    """Views (a channel slice, a transposed array) give what their copies give."""
+    x, d = _data((5, 4, 6, 3), np.float32, 4)
+    xv, dv = x[:, :, ::2], np.asfortranarray(d)[:, :, ::2]
+    g, b = np.ones(3), np.zeros(3)
+    got = vl_nnbnorm(xv, g, b, dv)
+    monkeypatch.setattr(jit, "ENABLED", False)
+    want = vl_nnbnorm(xv.copy(), g, b, dv.copy())
+    for a, c in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, c)

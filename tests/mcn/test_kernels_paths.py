@@ -14,12 +14,13 @@ blocks that run side by side.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import harness.mcn.kernels.conv_columns as conv_columns
@@ -209,6 +210,30 @@ def test_tap_products_are_taken_and_match(case, dtype, whole, small_blocks):
         _check_conv(case, dtype)
     if (case.xshape[:2], case.pad) != (case.fshape[:2], (0, 0, 0, 0)) or case.stride != (1, 1):
         assert "rows_forward" in taken and "rows_backward" in taken
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    case=conv_cases(),
+    dtype=st.sampled_from([np.float64, np.float32]),
+    whole=st.booleans(),
+    small_blocks=st.booleans(),
+)
+def test_strided_convolutions_run_on_the_input_phases(case, dtype, whole, small_blocks):
+    """Strides without dilation (column strides above 1 too) take the tap products on the
+    input's phases (spied: forward, data and filter derivatives), on two threads."""
+    case = dataclasses.replace(case, dilate=(1, 1))
+    assume(case.stride != (1, 1))
+    taken = []
+    path = "rows-whole" if whole else "rows-by-row"
+    with forced(path, two_threads=True, small_blocks=small_blocks) as m:
+        for name in ("_phase_grids", "_phased_data_grad"):
+            original = getattr(conv_rows, name)
+            m.setattr(conv_rows, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+        _check_conv(case, dtype)
+    if (case.xshape[:2], case.pad) != (case.fshape[:2], (0, 0, 0, 0)):
+        # forward and dF read the phases, dX is gathered phase by phase
+        assert taken.count("_phase_grids") == 2 and "_phased_data_grad" in taken
 
 
 @settings(deadline=None, max_examples=40)

@@ -165,10 +165,16 @@ class ConvGeometry:
         """Blocks of output rows whose column matrix (one group) is near ``CHUNK_BYTES``."""
         return row_blocks(self.ho, self.kd * self.wo * n * np.dtype(dtype).itemsize)
 
+    @property
+    def phased(self) -> bool:
+        """Strided without dilation: the tap products run on the input's phases."""
+        return self.stride != (1, 1) and self.dilate == (1, 1)
+
     def rows_path(self, hp: int, wp: int, n: int) -> bool:
-        """Whether the tap products apply (column stride 1) and pay, for ``n`` images."""
+        """Whether the tap products apply (column stride 1, or strides without dilation) and
+        pay, for ``n`` images."""
         big = self.fc >= ROWS_MIN_DEPTH and self.ho * self.wo * n >= ROWS_MIN_PIXELS
-        return self.stride[1] == 1 and big and not self.direct(hp, wp)
+        return (self.stride[1] == 1 or self.phased) and big and not self.direct(hp, wp)
 
     def taps(self) -> list[tuple[int, int]]:
         """The filter taps (i, j)."""

@@ -44,12 +44,23 @@ def _to_grid(
     pad crops) in the pixel-major layout: ``(G, (H'*W' + slack)*N, C/G)`` where row
     ``(y*W' + x)*N + n`` of group q holds ``a_padded[y, x, q*C/G:(q+1)*C/G, n]``, followed by
     ``slack`` pixels of zeros (which the last row's shifted blocks may read). Returns the
-    array, H' and W'. The copy turns each pixel's C x N block around: on large inputs it is
-    shared among the cores by rows (threads.split_rows)."""
+    array, H' and W'."""
     h, w, c, n = a.shape
     t, b, left, r = pads
-    hg, wg, cg = h + t + b, w + left + r, c // groups
-    flat = alloc((groups, (hg * wg + slack) * n, cg), a.dtype)
+    hg, wg = h + t + b, w + left + r
+    flat = alloc((groups, (hg * wg + slack) * n, c // groups), a.dtype)
+    _fill_grid(flat, a, pads, slack)
+    return flat, hg, wg
+
+
+def _fill_grid(flat: np.ndarray, a: np.ndarray, pads: tuple[int, int, int, int], slack: int) -> None:
+    """Write ``a`` padded by ``pads`` into ``flat`` (``_to_grid``'s layout, allocated). The
+    copy turns each pixel's C x N block around: on large inputs it is shared among the
+    cores by rows (threads.split_rows)."""
+    h, w, c, n = a.shape
+    groups, cg = flat.shape[0], flat.shape[2]
+    t, b, left, r = pads
+    hg, wg = h + t + b, w + left + r
     grid = flat[:, : hg * wg * n].reshape(groups, hg, wg, n, cg)
     y0, y1, x0, x1 = max(t, 0), hg - max(b, 0), max(left, 0), wg - max(r, 0)
     grid[:, :y0] = 0
@@ -57,11 +68,43 @@ def _to_grid(
     grid[:, y0:y1, :x0] = 0
     grid[:, y0:y1, x1:] = 0
     flat[:, hg * wg * n :] = 0
+    if y1 <= y0 or x1 <= x0:
+        return
     src = a[max(-t, 0) : h - max(-b, 0), max(-left, 0) : w - max(-r, 0)]
     src = src.reshape(y1 - y0, x1 - x0, groups, cg, n).transpose(2, 0, 1, 4, 3)
     dst = grid[:, y0:y1, x0:x1]
     threads.split_rows(lambda rows: np.copyto(dst[:, rows], src[:, rows]), y1 - y0, src.size)
-    return flat, hg, wg
+
+
+def _phase_grids(
+    x: np.ndarray, g: ConvGeometry, alloc: Alloc
+) -> tuple[np.ndarray, int, list[int], list[int]]:
+    """The padded input cut into the phases that the filter taps read, each in
+    ``_to_grid``'s layout: phase (py, px) holds the padded pixels (py + SY*a, px + SX*b)
+    at (a, b) of an ``ceil(H'/SY) x ceil(W'/SX)`` grid (zeros where there are none). A
+    strided convolution (dilation 1) is the sum over taps (i, j) of unit-stride products
+    on phase (i % SY, j % SX) shifted by (i // SY, j // SX). Returns the grids
+    ``(phases, G, pixels*N, C/G)``, their width, and each tap's offset (in pixels) and
+    grid."""
+    h, w, c, n = x.shape
+    (sy, sx), (pt, _, pl, _) = g.stride, g.pad
+    hp, wp = g.padded((h, w))
+    hq, wq = -(-hp // sy), -(-wp // sx)
+    taps = g.taps()
+    used = sorted({(i % sy, j % sx) for i, j in taps})
+    slack = (g.fw - 1) // sx
+    flat = alloc((len(used), g.groups, (hq * wq + slack) * n, c // g.groups), x.dtype)
+    for u, (py, px) in enumerate(used):
+        # the input rows of phase py: r0 + SY*k, at phase row a0 + k (likewise columns)
+        r0, c0 = (py - pt) % sy, (px - pl) % sx
+        a0, b0 = (r0 + pt - py) // sy, (c0 + pl - px) // sx
+        rows, cols = len(range(r0, h, sy)), len(range(c0, w, sx))
+        if not rows or not cols:
+            flat[u] = 0
+            continue
+        _fill_grid(flat[u], x[r0::sy, c0::sx], (a0, hq - a0 - rows, b0, wq - b0 - cols), slack)
+    offsets = [(i // sy) * wq + j // sx for i, j in taps]
+    return flat, wq, offsets, [used.index((i % sy, j % sx)) for i, j in taps]
 
 
 def _taps_pass(
@@ -73,15 +116,18 @@ def _taps_pass(
     offsets: list[int],
     out_hw: tuple[int, int],
     epilogue: Callable[[int, slice, np.ndarray], None],
+    phases: list[int] | None = None,
 ) -> list[Task]:
     """The tasks of the sum over taps on the pixel-major layout, for each group q and output pixel
     (oy, ox) below ``out_hw``::
 
-        out[oy, ox] = sum_t src[q, pixel oy*sy*src_w + ox + offsets[t]] @ wt[q, t]
+        out[oy, ox] = sum_t src[p_t, q, pixel oy*sy*src_w + ox + offsets[t]] @ wt[q, t]
 
-    in blocks of output rows; ``epilogue(q, rows, block)`` receives each block as a
-    ``(rows, src_w, N, cout)`` array whose first ``out_hw[1]`` columns hold the sums."""
+    in blocks of output rows (``src`` is ``(P, G, pixels*N, cin)``, tap t reading grid
+    ``p_t = phases[t]``, 0 by default); ``epilogue(q, rows, block)`` receives each block as
+    a ``(rows, src_w, N, cout)`` array whose first ``out_hw[1]`` columns hold the sums."""
     groups, _, _, cout = wt.shape
+    phases = phases or [0] * len(offsets)
     out_h, out_w = out_hw
     row = src_w * n  # matrix rows per output row
     blocks = conv_gemm.row_blocks(out_h, row * cout * src.itemsize)
@@ -94,14 +140,15 @@ def _taps_pass(
     def task(q: int, rows: slice, worker: int) -> None:
         r = rows.stop - rows.start
         buf = scratch.get(worker)[: r * row * cout].reshape(r * row, cout)
-        mm, a, w = RowProducts(src.dtype), src[q], [wt[q, k] for k in range(len(offsets))]
+        mm, w = RowProducts(src.dtype), [wt[q, k] for k in range(len(offsets))]
+        a = [src[p, q] for p in phases]
         if whole:
             for k, off in enumerate(offsets):
-                mm.nn(a, rows.start * row + off * n, w[k], buf, 0, r * row, float(k > 0))
+                mm.nn(a[k], rows.start * row + off * n, w[k], buf, 0, r * row, float(k > 0))
         else:
             for i, oy in enumerate(range(rows.start, rows.stop)):
                 for k, off in enumerate(offsets):
-                    mm.nn(a, oy * sy * row + off * n, w[k], buf, i * row, out_w * n, float(k > 0))
+                    mm.nn(a[k], oy * sy * row + off * n, w[k], buf, i * row, out_w * n, float(k > 0))
         epilogue(q, rows, buf.reshape(r, src_w, n, cout))
 
     return [partial(task, q, rows) for q in range(groups) for rows in blocks]
@@ -116,18 +163,21 @@ def _taps_filter_grad(
     sy: int,
     offsets: list[int],
     out_hw: tuple[int, int],
+    phases: list[int] | None = None,
 ) -> tuple[list[Task], Callable[[], np.ndarray]]:
     """The tasks of, per group q and tap t::
 
-        sum_(oy, ox) xs[q, pixel oy*sy*xs_w + ox + offsets[t]]^T dys[q, pixel oy*dys_w + ox]
+        sum_(oy, ox) xs[p_t, q, pixel oy*sy*xs_w + ox + offsets[t]]^T dys[q, pixel oy*dys_w + ox]
 
+    (``xs`` is ``(P, G, pixels*N, cin)``, tap t reading grid ``p_t = phases[t]``, 0 by default)
     (grids ``xs_w`` and ``dys_w`` pixels wide), and the function that returns the sums,
     ``(G, T, cin, cout)``, once they have run. When the grids have the same width, ``dys``
     zero outside the output columns, and the row stride is 1, a run of output rows is one
     product per tap. The output rows are cut into parts, each with its own partial sums,
     added in order at the end."""
-    groups, _, cin = xs.shape
+    _, groups, _, cin = xs.shape
     cout = dys.shape[2]
+    phases = phases or [0] * len(offsets)
     ho, wo = out_hw
     whole = sy == 1 and xs_w == dys_w
     taps = len(offsets)
@@ -142,10 +192,10 @@ def _taps_filter_grad(
     sums = np.empty((len(parts), groups, taps, cin, cout), xs.dtype)
 
     def task(p: int, q: int, ks: slice, worker: int) -> None:
-        mm, a, d = RowProducts(xs.dtype), xs[q], dys[q]
+        mm, d = RowProducts(xs.dtype), dys[q]
         for b, rows in enumerate(parts[p]):
             for k in range(ks.start, ks.stop):
-                off, out = offsets[k] * n, sums[p, q, k]
+                off, out, a = offsets[k] * n, sums[p, q, k], xs[phases[k], q]
                 if whole:
                     m, s = (rows.stop - rows.start) * xs_w * n, rows.start * xs_w * n
                     mm.tn(a, s + off, d, s, m, out, float(b > 0))
@@ -235,14 +285,62 @@ def rows_forward(x: np.ndarray, f: np.ndarray, g: ConvGeometry, bias: np.ndarray
         np.copyto(y[rows, :, ks], sums.transpose(0, 1, 3, 2))
 
     with conv_gemm.workspace() as alloc, threads.blas_single_threaded() as single:
-        xs, _, wg = _to_grid(x, g.pad, g.groups, g.extent[1] - 1, alloc)
-        offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
         wt = _tap_filters(f, g, transposed=False)
-        _run(
-            _taps_pass(xs, wg, n, wt, sy, offsets, (g.ho, g.wo), epilogue),
-            conv_gemm.workers(g.macs(n), single),
-        )
+        if g.phased:
+            xs, wg, offsets, phases = _phase_grids(x, g, alloc)
+            tasks = _taps_pass(xs, wg, n, wt, 1, offsets, (g.ho, g.wo), epilogue, phases)
+        else:
+            xs, _, wg = _to_grid(x, g.pad, g.groups, g.extent[1] - 1, alloc)
+            offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
+            tasks = _taps_pass(xs[None], wg, n, wt, sy, offsets, (g.ho, g.wo), epilogue)
+        _run(tasks, conv_gemm.workers(g.macs(n), single))
     return y
+
+
+def _phased_data_grad(
+    dy: np.ndarray, f: np.ndarray, g: ConvGeometry, dx: np.ndarray, alloc: Alloc
+) -> list[Task]:
+    """The tasks of the data derivative of a strided convolution (dilation 1) into ``dx``,
+    phase by phase of the padded input: phase (py, px) at (a, b) gathers
+    ``dY[a - i // SY, b - j // SX] @ F[i, j]^T`` over the taps of that phase, one
+    unit-stride correlation of dY (padded by the phase's reach) each; the phases write
+    disjoint elements of dx."""
+    h, w, _, n = dx.shape
+    (sy, sx), (pt, _, pl, _) = g.stride, g.pad
+    hp, wp = g.padded((h, w))
+    hq, wq = -(-hp // sy), -(-wp // sx)
+    reach_h, reach_w = (g.fh - 1) // sy, (g.fw - 1) // sx
+    dyp, _, wd = _to_grid(dy, (reach_h, hq - g.ho, reach_w, wq - g.wo), g.groups, reach_w, alloc)
+    wr = _tap_filters(f, g, transposed=True)
+    taps, tasks = g.taps(), []
+    for py in range(sy):
+        for px in range(sx):
+            # the input rows of phase py: r0 + SY*k, at phase row a0 + k
+            r0, c0 = (py - pt) % sy, (px - pl) % sx
+            a0, b0 = (r0 + pt - py) // sy, (c0 + pl - px) // sx
+            rows, cols = len(range(r0, h, sy)), len(range(c0, w, sx))
+            ids = [t for t, (i, j) in enumerate(taps) if (i % sy, j % sx) == (py, px)]
+            if not rows or not cols:
+                continue
+            if not ids:  # no tap reads these pixels
+                dx[r0::sy, c0::sx] = 0
+                continue
+
+            def epilogue(
+                q: int, block_rows: slice, block: np.ndarray, r0=r0, c0=c0, a0=a0, b0=b0, cols=cols
+            ) -> None:
+                lo = max(block_rows.start, a0)
+                if lo >= block_rows.stop:
+                    return
+                src = block[lo - block_rows.start :, b0 : b0 + cols].transpose(0, 1, 3, 2)
+                y0 = r0 + sy * (lo - a0)
+                dst = dx[y0 : y0 + sy * (block_rows.stop - lo) : sy, c0::sx, q * g.fc : (q + 1) * g.fc]
+                np.copyto(dst, src)
+
+            offsets = [(reach_h - taps[t][0] // sy) * wd + reach_w - taps[t][1] // sx for t in ids]
+            wt = np.ascontiguousarray(wr[:, ids])
+            tasks += _taps_pass(dyp[None], wd, n, wt, 1, offsets, (a0 + rows, b0 + cols), epilogue)
+    return tasks
 
 
 def rows_backward(
@@ -250,49 +348,77 @@ def rows_backward(
 ) -> Derivatives:
     """``conv_backward`` for ``g.rows_path``: the data derivative (if ``data``) and the filter
     derivative (if ``x`` is given) as tap products on the pixel-major layout, all their
-    blocks in one batch of tasks."""
+    blocks in one batch of tasks. A strided convolution without dilation runs on the
+    input's phases (``_phase_grids``): dX phase by phase (``_phased_data_grad``), dF per tap
+    on the tap's phase."""
     n, dt = dy.shape[3], dy.dtype
-    (sy, _), (ddy, ddx) = g.stride, g.dilate
-    pt, pb, pl, pr = g.pad
-    (eh, ew), wp = g.extent, g.padded(in_hw)[1]
-    dx = dys = finish = None
+    dx = finish = None
     tasks: list[Task] = []
     if data:
         dx = np.empty((*in_hw, g.fc * g.groups, n), dt)
-    # dX as one correlation (below) at row stride 1 when its grid wastes little; else row
-    # by row. dF in runs of whole rows when the input grid wastes little; else row by row.
-    turned = data and sy == 1 and ew - 1 <= conv_gemm.FLAT_MAX_WASTE * (in_hw[1] + ew - 1)
-    whole_df = x is not None and sy == 1 and wp - g.wo <= conv_gemm.FLAT_MAX_WASTE * wp
     with conv_gemm.workspace() as alloc, threads.blas_single_threaded() as single:
-        if turned:
-            # dX = the correlation of dY, padded by the filter's reach minus the padding,
-            # with the filters turned by 180 degrees and transposed (K/G x FC per tap).
-            pads = (eh - 1 - pt, eh - 1 - pb, ew - 1 - pl, ew - 1 - pr)
-            dyp, _, wq = _to_grid(dy, pads, g.groups, ew - 1, alloc)
-
-            def epilogue(q: int, rows: slice, block: np.ndarray) -> None:
-                np.copyto(dx[rows, :, q * g.fc : (q + 1) * g.fc], block[:, : in_hw[1]].transpose(0, 1, 3, 2))
-
-            offsets = [i * ddy * wq + j * ddx for i, j in g.taps()]
-            wr = _tap_filters(f, g, transposed=True, turned=True)
-            tasks += _taps_pass(dyp, wq, n, wr, 1, offsets, in_hw, epilogue)
-            if wq == wp and min(pads) >= 0:
-                # The same array, shifted, is dY on the padded input's grid, zero outside
-                # the output columns: what the filter derivative reads.
-                dys, dys_w = dyp[:, (pads[0] * wq + pads[2]) * n :], wq
-        if dys is None and (x is not None or data and not turned):
-            dys_w = wp if whole_df else g.wo
-            dys = _to_grid(dy, (0, 0, 0, dys_w - g.wo), g.groups, 0, alloc)[0]
-        if data and not turned:
-            tasks += _taps_data_grad_rows(dys, dys_w, n, _tap_filters(f, g, transposed=True), g, in_hw, dx)
-        if x is not None:
-            xs, _, wg = _to_grid(x, g.pad, g.groups, ew - 1, alloc)
-            offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
-            df_tasks, finish = _taps_filter_grad(xs, wg, dys, dys_w, n, sy, offsets, (g.ho, g.wo))
-            tasks = df_tasks + tasks  # the longer tasks first, the short ones balance the end
+        if g.phased:
+            if data:
+                tasks += _phased_data_grad(dy, f, g, dx, alloc)
+            if x is not None:
+                xs, wg, offsets, phases = _phase_grids(x, g, alloc)
+                dys = _to_grid(dy, (0, 0, 0, wg - g.wo), g.groups, 0, alloc)[0]
+                df_tasks, finish = _taps_filter_grad(xs, wg, dys, wg, n, 1, offsets, (g.ho, g.wo), phases)
+                tasks = df_tasks + tasks
+        else:
+            tasks, finish = _unit_column_stride_tasks(x, dy, f, g, in_hw, dx, alloc)
         _run(tasks, conv_gemm.workers(g.macs(n) * (data + (x is not None)), single))
     df = None
     if finish is not None:
         df = finish().reshape(g.groups, g.fh, g.fw, g.fc, g.kg).transpose(1, 2, 3, 0, 4)
         df = df.reshape(g.fh, g.fw, g.fc, g.k)
     return dx, df
+
+
+def _unit_column_stride_tasks(
+    x: np.ndarray | None,
+    dy: np.ndarray,
+    f: np.ndarray,
+    g: ConvGeometry,
+    in_hw: tuple[int, int],
+    dx: np.ndarray | None,
+    alloc: Alloc,
+) -> tuple[list[Task], Callable[[], np.ndarray] | None]:
+    """``rows_backward``'s tasks at column stride 1 (unit strides, or dilation): dX as one correlation
+    (below) at row stride 1 when its grid wastes little, else row by row; dF in runs of
+    whole rows when the input grid wastes little, else row by row."""
+    n, data = dy.shape[3], dx is not None
+    (sy, _), (ddy, ddx) = g.stride, g.dilate
+    pt, pb, pl, pr = g.pad
+    (eh, ew), wp = g.extent, g.padded(in_hw)[1]
+    dys = finish = None
+    tasks: list[Task] = []
+    turned = data and sy == 1 and ew - 1 <= conv_gemm.FLAT_MAX_WASTE * (in_hw[1] + ew - 1)
+    whole_df = x is not None and sy == 1 and wp - g.wo <= conv_gemm.FLAT_MAX_WASTE * wp
+    if turned:
+        # dX = the correlation of dY, padded by the filter's reach minus the padding,
+        # with the filters turned by 180 degrees and transposed (K/G x FC per tap).
+        pads = (eh - 1 - pt, eh - 1 - pb, ew - 1 - pl, ew - 1 - pr)
+        dyp, _, wq = _to_grid(dy, pads, g.groups, ew - 1, alloc)
+
+        def epilogue(q: int, rows: slice, block: np.ndarray) -> None:
+            np.copyto(dx[rows, :, q * g.fc : (q + 1) * g.fc], block[:, : in_hw[1]].transpose(0, 1, 3, 2))
+
+        offsets = [i * ddy * wq + j * ddx for i, j in g.taps()]
+        wr = _tap_filters(f, g, transposed=True, turned=True)
+        tasks += _taps_pass(dyp[None], wq, n, wr, 1, offsets, in_hw, epilogue)
+        if wq == wp and min(pads) >= 0:
+            # The same array, shifted, is dY on the padded input's grid, zero outside
+            # the output columns: what the filter derivative reads.
+            dys, dys_w = dyp[:, (pads[0] * wq + pads[2]) * n :], wq
+    if dys is None and (x is not None or data and not turned):
+        dys_w = wp if whole_df else g.wo
+        dys = _to_grid(dy, (0, 0, 0, dys_w - g.wo), g.groups, 0, alloc)[0]
+    if data and not turned:
+        tasks += _taps_data_grad_rows(dys, dys_w, n, _tap_filters(f, g, transposed=True), g, in_hw, dx)
+    if x is not None:
+        xs, _, wg = _to_grid(x, g.pad, g.groups, ew - 1, alloc)
+        offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
+        df_tasks, finish = _taps_filter_grad(xs[None], wg, dys, dys_w, n, sy, offsets, (g.ho, g.wo))
+        tasks = df_tasks + tasks  # the longer tasks first, the short ones balance the end
+    return tasks, finish

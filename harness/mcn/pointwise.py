@@ -7,11 +7,12 @@ option to single first).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from harness.mcn.kernels import threads
+from harness.mcn.kernels import jit, pointwise_loops, threads
 from harness.mcn.options import McnError, as_4d, float_dtype
 
 __all__ = ["vl_nndropout", "vl_nnrelu", "vl_nnsigmoid", "vl_nnsoftmax"]
@@ -52,6 +53,8 @@ def vl_nnrelu(x: np.ndarray, dzdy: np.ndarray | None = None, *, leak: float = 0.
     if leak_arr.size != 1 or not np.isfinite(leak_arr):
         raise McnError(f"Expected leak to be a finite scalar. Received leak={leak!r}")
     leak = float(leak_arr.ravel()[0])
+    if leak == 0 and jit.available():
+        return _relu_compiled(x, dzdy, dt)
     if leak == 0:
         # The passes over memory are shared among the cores by rows (threads.split_rows):
         # each element is computed alone, so the split changes no value.
@@ -66,6 +69,22 @@ def vl_nnrelu(x: np.ndarray, dzdy: np.ndarray | None = None, *, leak: float = 0.
     # converts it to the class of x before multiplying.
     factor = np.where(x > 0, dt.type(leak + (1 - leak) * 1.0), dt.type(leak))
     return (x if dzdy is None else dzdy) * factor
+
+
+def _relu_compiled(x: np.ndarray, dzdy: np.ndarray | None, dt: np.dtype) -> np.ndarray:
+    """The plain ReLU through harness.mcn.kernels.pointwise_loops: the numpy above, the
+    same bits, one pass (shared among the cores by ranges on large arrays)."""
+    flat = np.ascontiguousarray(x, dtype=dt).reshape(-1)
+    out = np.empty(x.shape, dt)
+    dst = out.reshape(-1)
+    if dzdy is None:
+        run = partial(pointwise_loops.relu_forward, flat, dst)
+    else:
+        run = partial(
+            pointwise_loops.relu_backward, flat, np.ascontiguousarray(dzdy, dtype=dt).reshape(-1), dst
+        )
+    threads.split_rows(lambda r: run(r.start, r.stop), flat.size, flat.size)
+    return out
 
 
 def vl_nnsigmoid(x: np.ndarray, dzdy: np.ndarray | None = None) -> np.ndarray:

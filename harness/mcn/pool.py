@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from harness.mcn.geometry import pool_output_size
+from harness.mcn.kernels import jit, pool_loops
 from harness.mcn.kernels.pool_blocks import run_blocks
 from harness.mcn.options import McnError, as_4d, check_budget, float_dtype, pad4, pair
 
@@ -107,8 +108,11 @@ def _max_backward(
 def _avg_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarray) -> None:
     # acc_sum: a running sum from 0 in column-major window order, then times 1/n.
     y.fill(0)
-    for _, o, i in taps:
-        np.add(y[o], x[i], out=y[o])
+    if jit.available():
+        pool_loops.add_taps(y, x, pool_loops.tap_table(taps), False)
+    else:
+        for _, o, i in taps:
+            np.add(y[o], x[i], out=y[o])
     with np.errstate(invalid="ignore"):  # 0 * inf = NaN for an empty input, as in the C++
         y *= scale
 
@@ -118,6 +122,9 @@ def _avg_backward(
 ) -> None:
     np.multiply(dzdy, scale, out=g)
     dzdx.fill(0)
+    if jit.available():
+        pool_loops.add_taps(g, dzdx, pool_loops.tap_table(taps), True)
+        return
     for _, o, i in reversed(taps):
         np.add(dzdx[i], g[o], out=dzdx[i])
 

@@ -1,4 +1,5 @@
-"""The compiled loops (harness.mcn.kernels.jit) give the bits of their numpy definitions."""
+"""The compiled loops (harness.mcn.kernels.jit: batch normalisation, the plain ReLU, average
+pooling) give the bits of their numpy definitions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.mcn import bnorm, vl_nnbnorm
+from harness.mcn import bnorm, vl_nnbnorm, vl_nnpool, vl_nnrelu
 from harness.mcn.kernels import bnorm_loops, jit
 
 pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
@@ -93,3 +94,66 @@ def test_non_contiguous_inputs(monkeypatch):
     want = vl_nnbnorm(xv.copy(), g, b, dv.copy())
     for a, c in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 2), (64, 64, 32, 9)])  # the last split among cores
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_same_bits_either_way(monkeypatch, shape, dtype):
+    """Forward and backward of the plain ReLU with -0, NaN and infinities in x and dzdy: the
+    same bits, but for the sign of the forward's zero from x = -0, which numpy's own fmax
+    gives as -0 or +0 depending on its vector or scalar loop (the compiled loop: +0)."""
+    rng = np.random.default_rng(5)
+    specials = np.array([-0.0, 0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45], dtype)
+    x = rng.standard_normal(shape).astype(dtype)
+    d = rng.standard_normal(shape).astype(dtype)
+    x.flat[: min(x.size, 7)] = specials[: min(x.size, 7)]
+    d.flat[-min(d.size, 7) :] = specials[: min(d.size, 7)]
+    d.flat[:: max(1, d.size // 11)] = np.nan
+    compiled = vl_nnrelu(x), vl_nnrelu(x, d)
+    monkeypatch.setattr(jit, "ENABLED", False)
+    plain = vl_nnrelu(x), vl_nnrelu(x, d)
+    for got, want in zip(compiled, plain, strict=True):
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(got, want)  # NaN where NaN; -0 == +0
+    np.testing.assert_array_equal(compiled[1].view(f"u{x.itemsize}"), plain[1].view(f"u{x.itemsize}"))
+    assert not np.signbit(compiled[0]).any() and not np.isnan(compiled[0]).any()
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    cn=st.tuples(st.integers(1, 4), st.integers(1, 3)),
+    pool=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(*[st.integers(0, 3)] * 4),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_average_pooling_same_bits_either_way(hw, cn, pool, stride, pads, dtype, seed):
+    """Forward and backward average pooling (overlapping windows, padding, strides; values
+    of very different sizes so that the order of additions shows)."""
+    pt, pb, pl, pr = (min(p, pool[k // 2] - 1) for k, p in enumerate(pads))
+    if hw[0] + pt + pb < pool[0] or hw[1] + pl + pr < pool[1]:
+        return
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((*hw, *cn)) * 10.0 ** rng.integers(-6, 7, (*hw, *cn))).astype(dtype)
+    opts = dict(method="avg", pad=[pt, pb, pl, pr], stride=list(stride))
+    y = vl_nnpool(x, list(pool), **opts)
+    d = (rng.standard_normal(y.shape) * 10.0 ** rng.integers(-6, 7, y.shape)).astype(dtype)
+    compiled = y, vl_nnpool(x, list(pool), d, **opts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jit, "ENABLED", False)
+        plain = vl_nnpool(x, list(pool), **opts), vl_nnpool(x, list(pool), d, **opts)
+    for got, want in zip(compiled, plain, strict=True):
+        np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+
+
+def test_global_average_pooling_of_a_large_map_same_bits(monkeypatch):
+    """The ResNet head's shape (256 taps; split among the cores)."""
+    x = np.random.default_rng(6).standard_normal((16, 16, 64, 16)).astype(np.float32)
+    d = np.random.default_rng(7).standard_normal((1, 1, 64, 16)).astype(np.float32)
+    compiled = vl_nnpool(x, 16, method="avg"), vl_nnpool(x, 16, d, method="avg")
+    monkeypatch.setattr(jit, "ENABLED", False)
+    plain = vl_nnpool(x, 16, method="avg"), vl_nnpool(x, 16, d, method="avg")
+    for got, want in zip(compiled, plain, strict=True):
+        np.testing.assert_array_equal(got.view("u4"), want.view("u4"))

@@ -9,7 +9,8 @@ found at a fixed stride), then every sum advances one element at a time in that 
 (the channels, whose sums are independent, shared among the cores); the outputs are
 written in one pass. Same operations, same order, same bits.
 
-Arrays are H x W x C x N, C-contiguous (the callers make them so).
+Arrays are H x W x C x N, C-contiguous (the callers make them so). The loops index
+per-pixel slices: LLVM vectorises those, not the same loops on four indices (2x slower).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def _moment_sums(x, k0, k1, out):  # noqa: ANN001, ANN202 - compiled by numba
     t = np.empty((h_, w_, n_, kc), x.dtype)
     for h in range(h_):
         for w in range(w_):
+            src, dst = x[h, w, k0:k1], t[h, w]
             for k in range(kc):
                 for n in range(n_):
-                    t[h, w, n, k] = x[h, w, k0 + k, n]
+                    dst[n, k] = src[k, n]
     s1 = np.zeros(kc, x.dtype)
     s2 = np.zeros(kc, x.dtype)
     for n in range(n_):
@@ -54,10 +56,11 @@ def _derivative_sums(x, d, k0, k1, out):  # noqa: ANN001, ANN202 - compiled by n
     t = np.empty((h_, w_, n_, 2, kc), x.dtype)
     for h in range(h_):
         for w in range(w_):
+            sx, sd, dst = x[h, w, k0:k1], d[h, w, k0:k1], t[h, w]
             for k in range(kc):
                 for n in range(n_):
-                    t[h, w, n, 0, k] = x[h, w, k0 + k, n]
-                    t[h, w, n, 1, k] = d[h, w, k0 + k, n]
+                    dst[n, 0, k] = sx[k, n]
+                    dst[n, 1, k] = sd[k, n]
     sdx = np.zeros(kc, x.dtype)
     sd = np.zeros(kc, x.dtype)
     s1 = np.zeros(kc, x.dtype)
@@ -83,10 +86,11 @@ def _normalize(x, mu, a, b):  # noqa: ANN001, ANN202 - compiled by numba
     y = np.empty_like(x)
     for h in range(h_):
         for w in range(w_):
+            src, dst = x[h, w], y[h, w]
             for k in range(c_):
                 m, s, c = mu[k], a[k], b[k]
                 for n in range(n_):
-                    y[h, w, k, n] = (x[h, w, k, n] - m) * s + c
+                    dst[k, n] = (src[k, n] - m) * s + c
     return y
 
 
@@ -95,10 +99,11 @@ def _normalize_backward(x, d, mu, g2, db, g1):  # noqa: ANN001, ANN202 - compile
     dx = np.empty_like(x)
     for h in range(h_):
         for w in range(w_):
+            sx, sd, dst = x[h, w], d[h, w], dx[h, w]
             for k in range(c_):
                 m, p, q, r = mu[k], g2[k], db[k], g1[k]
                 for n in range(n_):
-                    dx[h, w, k, n] = (d[h, w, k, n] - q) * r - (x[h, w, k, n] - m) * p
+                    dst[k, n] = (sd[k, n] - q) * r - (sx[k, n] - m) * p
     return dx
 
 

@@ -98,6 +98,15 @@ def forced(path: str, *, two_threads: bool, small_blocks: bool):
         yield m
 
 
+def _spy(m: pytest.MonkeyPatch, module, names: tuple[str, ...]) -> list[str]:
+    """The list to which each call of ``module.<name>`` (for ``names``) appends its name."""
+    taken: list[str] = []
+    for name in names:
+        original = getattr(module, name)
+        m.setattr(module, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    return taken
+
+
 @dataclass(frozen=True)
 class Case:
     xshape: tuple[int, int, int, int]
@@ -201,12 +210,9 @@ def test_conv_paths_match_the_definition(path, case, dtype, two_threads, small_b
 )
 def test_tap_products_are_taken_and_match(case, dtype, whole, small_blocks):
     """At column stride 1 the tap products run (spied), on two threads."""
-    taken = []
     path = "rows-whole" if whole else "rows-by-row"
     with forced(path, two_threads=True, small_blocks=small_blocks) as m:
-        for name in ("rows_forward", "rows_backward"):
-            original = getattr(conv_gemm, name)
-            m.setattr(conv_gemm, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+        taken = _spy(m, conv_gemm, ("rows_forward", "rows_backward"))
         _check_conv(case, dtype)
     if (case.xshape[:2], case.pad) != (case.fshape[:2], (0, 0, 0, 0)) or case.stride != (1, 1):
         assert "rows_forward" in taken and "rows_backward" in taken
@@ -224,12 +230,9 @@ def test_strided_convolutions_run_on_the_input_phases(case, dtype, whole, small_
     input's phases (spied: forward, data and filter derivatives), on two threads."""
     case = dataclasses.replace(case, dilate=(1, 1))
     assume(case.stride != (1, 1))
-    taken = []
     path = "rows-whole" if whole else "rows-by-row"
     with forced(path, two_threads=True, small_blocks=small_blocks) as m:
-        for name in ("_phase_grids", "_phased_data_grad"):
-            original = getattr(conv_rows, name)
-            m.setattr(conv_rows, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+        taken = _spy(m, conv_rows, ("_phase_grids", "_phased_data_grad"))
         _check_conv(case, dtype)
     if (case.xshape[:2], case.pad) != (case.fshape[:2], (0, 0, 0, 0)):
         # forward and dF read the phases, dX is gathered phase by phase

@@ -11,6 +11,8 @@ written in one pass. Same operations, same order, same bits.
 
 Arrays are H x W x C x N, C-contiguous (the callers make them so). The loops index
 per-pixel slices: LLVM vectorises those, not the same loops on four indices (2x slower).
+The two sums loops stay separate: one loop with a flag for the derivative's sums made the
+ResNet-shaped pass 2.5-3% slower (out-of-process A/B, twice 48 runs each).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,27 +36,39 @@ __all__ = ["rows_backward", "rows_forward"]
 
 Task = Callable[[int], None]  # called with the index of the worker thread running it
 
+# A pixel-major copy runs beside another (threads.background) from this many elements;
+# the forward pass's one copy is shared among the cores from GRID_SPLIT_MIN.
+GRID_BESIDE_MIN = 1 << 16
+GRID_SPLIT_MIN = 1 << 18
+
 
 def _to_grid(
-    a: np.ndarray, pads: tuple[int, int, int, int], groups: int, slack: int, alloc: Alloc
+    a: np.ndarray, pads: tuple[int, int, int, int], groups: int, slack: int, alloc: Alloc, split: bool = False
 ) -> tuple[np.ndarray, int, int]:
     """``a`` (H x W x C x N) zero-padded by ``pads`` = (top, bottom, left, right) (a negative
     pad crops) in the pixel-major layout: ``(G, (H'*W' + slack)*N, C/G)`` where row
     ``(y*W' + x)*N + n`` of group q holds ``a_padded[y, x, q*C/G:(q+1)*C/G, n]``, followed by
     ``slack`` pixels of zeros (which the last row's shifted blocks may read). Returns the
-    array, H' and W'."""
+    array, H' and W'. With ``split`` the copy is shared among the cores from
+    ``GRID_SPLIT_MIN`` elements (else from threads.PARALLEL_MIN_ELEMENTWISE)."""
     h, w, c, n = a.shape
     t, b, left, r = pads
     hg, wg = h + t + b, w + left + r
     flat = alloc((groups, (hg * wg + slack) * n, c // groups), a.dtype)
-    _fill_grid(flat, a, pads, slack)
+    _fill_grid(flat, a, pads, slack, GRID_SPLIT_MIN if split else threads.PARALLEL_MIN_ELEMENTWISE)
     return flat, hg, wg
 
 
-def _fill_grid(flat: np.ndarray, a: np.ndarray, pads: tuple[int, int, int, int], slack: int) -> None:
+def _fill_grid(
+    flat: np.ndarray,
+    a: np.ndarray,
+    pads: tuple[int, int, int, int],
+    slack: int,
+    split_min: int = threads.PARALLEL_MIN_ELEMENTWISE,
+) -> None:
     """Write ``a`` padded by ``pads`` into ``flat`` (``_to_grid``'s layout, allocated). The
-    copy turns each pixel's C x N block around: on large inputs it is shared among the
-    cores by rows (threads.split_rows)."""
+    copy turns each pixel's C x N block around: from ``split_min`` elements it is shared
+    among the cores by rows."""
     h, w, c, n = a.shape
     groups, cg = flat.shape[0], flat.shape[2]
     t, b, left, r = pads
@@ -73,7 +85,8 @@ def _fill_grid(flat: np.ndarray, a: np.ndarray, pads: tuple[int, int, int, int],
     src = a[max(-t, 0) : h - max(-b, 0), max(-left, 0) : w - max(-r, 0)]
     src = src.reshape(y1 - y0, x1 - x0, groups, cg, n).transpose(2, 0, 1, 4, 3)
     dst = grid[:, y0:y1, x0:x1]
-    threads.split_rows(lambda rows: np.copyto(dst[:, rows], src[:, rows]), y1 - y0, src.size)
+    parts = conv_gemm.split_evenly(y1 - y0, threads.cpu_cores() if src.size >= split_min else 1)
+    threads.run_tasks(lambda p, _worker: np.copyto(dst[:, parts[p]], src[:, parts[p]]), len(parts))
 
 
 def _phase_grids(
@@ -264,6 +277,15 @@ def _tap_filters(f: np.ndarray, g: ConvGeometry, *, transposed: bool, turned: bo
     return np.ascontiguousarray(t.transpose(2, 0, 3, 1) if transposed else t.transpose(2, 0, 1, 3))
 
 
+def _beside(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``fn(*args)`` on another core (threads.background) when the work is worth waking a
+    thread (the first argument, an array, of ``GRID_BESIDE_MIN`` elements or more), else
+    when asked for; returns the function that gives the result."""
+    if args[0].size >= GRID_BESIDE_MIN:
+        return threads.background(fn, *args)
+    return partial(fn, *args)
+
+
 def _run(tasks: list[Task], workers: int) -> None:
     """Run ``tasks`` (each given the worker index) on ``workers`` threads, in one go: the
     fewer the waits for the last task, the less a busy machine costs."""
@@ -290,7 +312,7 @@ def rows_forward(x: np.ndarray, f: np.ndarray, g: ConvGeometry, bias: np.ndarray
             xs, wg, offsets, phases = _phase_grids(x, g, alloc)
             tasks = _taps_pass(xs, wg, n, wt, 1, offsets, (g.ho, g.wo), epilogue, phases)
         else:
-            xs, _, wg = _to_grid(x, g.pad, g.groups, g.extent[1] - 1, alloc)
+            xs, _, wg = _to_grid(x, g.pad, g.groups, g.extent[1] - 1, alloc, split=True)
             offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
             tasks = _taps_pass(xs[None], wg, n, wt, sy, offsets, (g.ho, g.wo), epilogue)
         _run(tasks, conv_gemm.workers(g.macs(n), single))
@@ -358,10 +380,12 @@ def rows_backward(
         dx = np.empty((*in_hw, g.fc * g.groups, n), dt)
     with conv_gemm.workspace() as alloc, threads.blas_single_threaded() as single:
         if g.phased:
+            # the input's phases (for dF) are copied on another core while this one copies dY
+            x_grids = None if x is None else _beside(_phase_grids, x, g, alloc)
             if data:
                 tasks += _phased_data_grad(dy, f, g, dx, alloc)
-            if x is not None:
-                xs, wg, offsets, phases = _phase_grids(x, g, alloc)
+            if x_grids is not None:
+                xs, wg, offsets, phases = x_grids()
                 dys = _to_grid(dy, (0, 0, 0, wg - g.wo), g.groups, 0, alloc)[0]
                 df_tasks, finish = _taps_filter_grad(xs, wg, dys, wg, n, 1, offsets, (g.ho, g.wo), phases)
                 tasks = df_tasks + tasks
@@ -395,6 +419,8 @@ def _unit_column_stride_tasks(
     tasks: list[Task] = []
     turned = data and sy == 1 and ew - 1 <= conv_gemm.FLAT_MAX_WASTE * (in_hw[1] + ew - 1)
     whole_df = x is not None and sy == 1 and wp - g.wo <= conv_gemm.FLAT_MAX_WASTE * wp
+    # The input's copy (for dF) is made on another core while this one copies dY.
+    x_grid = None if x is None else _beside(_to_grid, x, g.pad, g.groups, ew - 1, alloc)
     if turned:
         # dX = the correlation of dY, padded by the filter's reach minus the padding,
         # with the filters turned by 180 degrees and transposed (K/G x FC per tap).
@@ -417,7 +443,7 @@ def _unit_column_stride_tasks(
     if data and not turned:
         tasks += _taps_data_grad_rows(dys, dys_w, n, _tap_filters(f, g, transposed=True), g, in_hw, dx)
     if x is not None:
-        xs, _, wg = _to_grid(x, g.pad, g.groups, ew - 1, alloc)
+        xs, _, wg = x_grid()
         offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
         df_tasks, finish = _taps_filter_grad(xs[None], wg, dys, dys_w, n, sy, offsets, (g.ho, g.wo))
         tasks = df_tasks + tasks  # the longer tasks first, the short ones balance the end

@@ -310,7 +310,19 @@ def main() -> None:
     for line in blas_report():
         print(line)
     print(f"  malloc keeps freed memory (as mcn-harness does): {kept}")
+    print(f"  compiled loops (BatchNorm, ReLU, average pooling): {compiled_loops()}")
     print(f"  load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}")
+
+
+def compiled_loops() -> str:
+    """Whether the reference runs its compiled loops (harness.mcn.kernels.jit), and numba's version."""
+    from harness.mcn.kernels import jit
+
+    if not jit.available():
+        return "off (numpy forms: numba missing or MCN_HARNESS_NO_JIT=1)"
+    import numba
+
+    return f"on (numba {numba.__version__})"
 
 
 if __name__ == "__main__":

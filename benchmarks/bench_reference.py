@@ -59,11 +59,15 @@ def keras_seed(net):
 
 
 def _owner(path: str) -> str:
-    """Which package bundles a BLAS library (the reference's convolutions use scipy's)."""
+    """Which package bundles a BLAS library, and whether the reference's convolutions call it
+    (harness.mcn.kernels.blas binds numpy's OpenBLAS when it can, else scipy's)."""
+    from harness.mcn.kernels.blas import cblas
+
     parent = os.path.basename(os.path.dirname(path))
-    owner = {"numpy.libs": "numpy's", "scipy.libs": "scipy's, used by the reference's conv"}.get(
-        parent, parent
-    )
+    owner = {"numpy.libs": "numpy's", "scipy.libs": "scipy's"}.get(parent, parent)
+    bound = cblas().library
+    if bound and os.path.realpath(bound) == os.path.realpath(path):
+        owner += ", used by the reference's conv"
     return f"{owner}: {os.path.basename(path)}"
 
 

@@ -32,6 +32,7 @@ class _Cblas:
 
     def __init__(self) -> None:
         self.fns: dict[np.dtype, Callable[..., None]] = {}
+        self.library = ""  # the file of the library bound
         libs = [c for c in threads.blas_libraries() if getattr(c, "internal_api", "") == "openblas"]
         for lib in sorted(libs, key=lambda c: "numpy" not in c.filepath):
             try:
@@ -40,6 +41,7 @@ class _Cblas:
                 self.fns = {}
                 continue
             if self._works():
+                self.library = lib.filepath
                 return
             self.fns = {}
 

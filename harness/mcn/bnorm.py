@@ -57,7 +57,9 @@ def _sequential_sum(columns: np.ndarray) -> np.ndarray:
     used there. tests/mcn/test_bnorm.py checks both against the one-at-a-time definition.
     """
     if columns.shape[1] < 2:
-        return np.add.accumulate(columns, axis=0, dtype=columns.dtype)[-1]
+        # accumulate starts from the first value, the C++ loop (and reduce) from +0: the two
+        # differ only when every value is -0 (-0 against +0), which adding +0 settles
+        return np.add.accumulate(columns, axis=0, dtype=columns.dtype)[-1] + columns.dtype.type(0)
     return np.add.reduce(np.ascontiguousarray(columns), axis=0, dtype=columns.dtype)
 
 

@@ -16,6 +16,16 @@ pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not instal
 SHAPES = [(6, 7, 3, 1), (30, 30, 1, 7), (1, 1, 5, 300), (2, 2, 4096, 2), (32, 32, 32, 16), (9, 9, 17, 33)]
 
 
+def _same_bits(got, want) -> None:
+    """The same numbers bit for bit (so -0 is not +0), NaN where NaN (whatever its payload)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    bits = f"u{got.itemsize}"
+    np.testing.assert_array_equal(np.where(nan, 0, got).view(bits), np.where(nan, 0, want).view(bits))
+
+
 def _data(shape, dtype, seed):
     rng = np.random.default_rng(seed)
     x = ((rng.standard_normal(shape) + 3) * rng.uniform(0.1, 100)).astype(dtype)
@@ -29,9 +39,9 @@ def test_sums_bitwise(shape, dtype):
     x, d = _data(shape, dtype, 1)
     for got, want in zip(bnorm_loops.moment_sums(x), bnorm._numpy_moment_sums(x), strict=True):
         assert got.dtype == dtype
-        np.testing.assert_array_equal(got, want)
+        _same_bits(got, want)
     for got, want in zip(bnorm_loops.derivative_sums(x, d), bnorm._numpy_derivative_sums(x, d), strict=True):
-        np.testing.assert_array_equal(got, want)
+        _same_bits(got, want)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -40,8 +50,8 @@ def test_elementwise_passes_bitwise(shape, dtype):
     x, d = _data(shape, dtype, 2)
     rng = np.random.default_rng(3)
     mu, a, b, c = (rng.standard_normal(shape[2]).astype(dtype) for _ in range(4))
-    np.testing.assert_array_equal(bnorm_loops.normalize(x, mu, a, b), bnorm._numpy_normalize(x, mu, a, b))
-    np.testing.assert_array_equal(
+    _same_bits(bnorm_loops.normalize(x, mu, a, b), bnorm._numpy_normalize(x, mu, a, b))
+    _same_bits(
         bnorm_loops.normalize_backward(x, d, mu, a, b, c), bnorm._numpy_normalize_backward(x, d, mu, a, b, c)
     )
 
@@ -81,7 +91,21 @@ def test_vl_nnbnorm_same_bits_either_way(shape, dtype, seed, given_moments, spec
     for compiled, plain in (fwd, bwd):
         for got, want in zip(compiled, plain, strict=True):
             assert got.dtype == want.dtype == dtype
-            np.testing.assert_array_equal(got, want)
+            _same_bits(got, want)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_all_negative_zero_channels_same_bits(monkeypatch, depth):
+    """A channel of -0 (a dead ReLU map times a negative gain): both forms start each sum
+    from +0, as nnbnorm.cpp's accumulators do, so the sums are +0, not -0."""
+    x = np.full((2, 2, depth, 3), -0.0, np.float32)
+    g, b = np.ones(depth), np.full(depth, -0.0)
+    compiled = vl_nnbnorm(x, g, b, return_moments=True), vl_nnbnorm(x, g, b, x)
+    monkeypatch.setattr(jit, "ENABLED", False)
+    plain = vl_nnbnorm(x, g, b, return_moments=True), vl_nnbnorm(x, g, b, x)
+    for got, want in zip((*compiled[0], *compiled[1]), (*plain[0], *plain[1]), strict=True):
+        _same_bits(got, want)
+    assert not np.signbit(compiled[0][1][:, 0]).any()  # the mean: +0
 
 
 def test_non_contiguous_inputs(monkeypatch):
@@ -93,7 +117,7 @@ def test_non_contiguous_inputs(monkeypatch):
     monkeypatch.setattr(jit, "ENABLED", False)
     want = vl_nnbnorm(xv.copy(), g, b, dv.copy())
     for a, c in zip(got, want, strict=True):
-        np.testing.assert_array_equal(a, c)
+        _same_bits(a, c)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 2), (64, 64, 32, 9)])  # the last split among cores
@@ -148,12 +172,23 @@ def test_average_pooling_same_bits_either_way(hw, cn, pool, stride, pads, dtype,
         np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
 
 
-def test_global_average_pooling_of_a_large_map_same_bits(monkeypatch):
-    """The ResNet head's shape (256 taps; split among the cores)."""
+@pytest.mark.parametrize(
+    "pool, stride",
+    [
+        (16, 1),  # the ResNet head: one window of 256 taps, in compact blocks
+        (2, 2),  # windows apart: the loop runs on strided parts of the arrays, one per core
+        (3, 2),  # overlapping windows, in compact blocks shared among the cores
+    ],
+)
+def test_average_pooling_of_large_maps_same_bits(monkeypatch, pool, stride):
     x = np.random.default_rng(6).standard_normal((16, 16, 64, 16)).astype(np.float32)
-    d = np.random.default_rng(7).standard_normal((1, 1, 64, 16)).astype(np.float32)
-    compiled = vl_nnpool(x, 16, method="avg"), vl_nnpool(x, 16, d, method="avg")
+    y = vl_nnpool(x, pool, method="avg", stride=stride)
+    d = np.random.default_rng(7).standard_normal(y.shape).astype(np.float32)
+    compiled = y, vl_nnpool(x, pool, d, method="avg", stride=stride)
     monkeypatch.setattr(jit, "ENABLED", False)
-    plain = vl_nnpool(x, 16, method="avg"), vl_nnpool(x, 16, d, method="avg")
+    plain = (
+        vl_nnpool(x, pool, method="avg", stride=stride),
+        vl_nnpool(x, pool, d, method="avg", stride=stride),
+    )
     for got, want in zip(compiled, plain, strict=True):
         np.testing.assert_array_equal(got.view("u4"), want.view("u4"))

@@ -239,6 +239,45 @@ def test_strided_convolutions_run_on_the_input_phases(case, dtype, whole, small_
         assert taken.count("_phase_grids") == 2 and "_phased_data_grad" in taken
 
 
+def _same_pattern(got, want, dtype, what: str) -> None:
+    """Infinities and NaNs where the definition has them, the finite values close."""
+    got, want = np.asarray(got, np.float64).reshape(np.shape(want)), np.asarray(want, np.float64)
+    for kind in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(kind(got), kind(want), err_msg=f"{what}: {kind.__name__}")
+    finite = np.isfinite(want)
+    _close(np.where(finite, got, 0.0), np.where(finite, want, 0.0), dtype, what)
+
+
+@pytest.mark.parametrize("path", ["columns", "rows-whole", "rows-by-row"])
+@settings(deadline=None, max_examples=40)
+@given(
+    case=conv_cases(),
+    dtype=st.sampled_from([np.float64, np.float32]),
+    where=st.sampled_from(["x", "f", "dzdy"]),
+    value=st.sampled_from([np.inf, -np.inf, np.nan]),
+    at=st.integers(0, 2**32 - 1),
+)
+def test_non_finite_values_reach_what_the_definition_reaches(path, case, dtype, where, value, at):
+    """An infinity or NaN in the input, the filters or the output derivative: every path
+    gives infinities and NaNs exactly where the definition does (MatConvNet's products:
+    padding zeros times the filters count, pixels beyond a tap's reach do not)."""
+    rng, x, f, b = _arrays(case, dtype)
+    opts = dict(pad=case.pad, stride=case.stride, dilate=case.dilate)
+    dzdy = rng.standard_normal(vl_nnconv(x, f, b, **opts).shape).astype(dtype)
+    target = {"x": x, "f": f, "dzdy": dzdy}[where]
+    target.flat[at % target.size] = value
+    with forced(path, two_threads=True, small_blocks=False):
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = vl_nnconv(x, f, b, **opts)
+            got = vl_nnconv(x, f, b, dzdy, **opts)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want_y = conv_definition(x, f, b, None, case.pad, case.stride, case.dilate)
+        want = conv_definition(x, f, b, dzdy, case.pad, case.stride, case.dilate)
+    _same_pattern(y, want_y, dtype, "y")
+    for name, g_, w_ in zip(("dzdx", "dzdf", "dzdb"), got, want, strict=True):
+        _same_pattern(g_, w_, dtype, name)
+
+
 @settings(deadline=None, max_examples=40)
 @given(
     case=conv_cases(direct=True), dtype=st.sampled_from([np.float64, np.float32]), two_threads=st.booleans()
@@ -390,3 +429,42 @@ def test_data_derivative_blocks_that_run_together_write_disjoint_rows(monkeypatc
             a_span = range(a_rows.start * g.stride[0], (a_rows.stop - 1) * g.stride[0] + reach)
             b_span = range(b_rows.start * g.stride[0], (b_rows.stop - 1) * g.stride[0] + reach)
             assert not set(a_span) & set(b_span), (a_rows, b_rows)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_copies_on_another_core_are_waited_for_when_the_caller_fails(monkeypatch, stride):
+    """The input's grid is copied on another core while this one works: if this one fails
+    first, the copy still ends before its workspace buffer is given back (another call
+    could take the buffer while the copy writes into it)."""
+    events: list[str] = []
+    background = threads.background
+
+    def tracked_background(fn, *args):
+        result = background(fn, *args)
+
+        def tracked():
+            value = result()
+            events.append("copy done")
+            return value
+
+        return tracked
+
+    give = conv_gemm._WORKSPACE.give
+    monkeypatch.setattr(threads, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(threads, "background", tracked_background)
+    monkeypatch.setattr(conv_gemm._WORKSPACE, "give", lambda buf: events.append("given back") or give(buf))
+
+    def planted(*_args, **_kwargs):
+        raise MemoryError("planted")
+
+    monkeypatch.setattr(conv_rows, "_phased_data_grad" if stride != (1, 1) else "_taps_pass", planted)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 32, 32, 16)).astype(np.float32)  # above GRID_BESIDE_MIN
+    f = rng.standard_normal((3, 3, 32, 8)).astype(np.float32)
+    ho = (32 + 2 - 3) // stride[0] + 1
+    g = conv_gemm.ConvGeometry(3, 3, 32, 8, (1, 1, 1, 1), stride, (1, 1), 1, ho, ho)
+    dy = rng.standard_normal((ho, ho, 8, 16)).astype(np.float32)
+    with pytest.raises(MemoryError, match="planted"):
+        conv_gemm.conv_backward(x, dy, f, g, (32, 32), data=True)
+    assert "copy done" in events and "given back" in events
+    assert events.index("copy done") < events.index("given back")

@@ -336,6 +336,17 @@ def conv_backward(
     hp, wp = g.padded(in_hw)
     if g.direct(hp, wp):
         return direct_backward(x, dy, f, g, in_hw, data)
-    if g.rows_path(hp, wp, dy.shape[3]):
-        return rows_backward(x, dy, f, g, in_hw, data)
-    return columns_backward(x, dy, f, g, in_hw, data)
+    if not g.rows_path(hp, wp, dy.shape[3]):
+        return columns_backward(x, dy, f, g, in_hw, data)
+    dx, df = rows_backward(x, dy, f, g, in_hw, data)
+    # The tap products read whole rows of their grids: dF multiplies the input's pixels
+    # beyond a tap's reach by dY's zero columns, dX the filters by dY's zero padding. Those
+    # products are 0 unless the input (for dF) or the filters (for dX) hold an infinity or
+    # a NaN, which would turn a derivative the definition leaves finite into NaN: then the
+    # column matrix, which multiplies exactly the definition's terms, computes it again.
+    redo_df = df is not None and not np.isfinite(df).all()
+    redo_dx = dx is not None and not np.isfinite(f).all()
+    if redo_df or redo_dx:
+        cdx, cdf = columns_backward(x if redo_df else None, dy, f, g, in_hw, redo_dx)
+        dx, df = (cdx if redo_dx else dx), (cdf if redo_df else df)
+    return dx, df

@@ -20,6 +20,7 @@ block, summed over parts of the rows whose partial sums are added in a fixed ord
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -277,13 +278,24 @@ def _tap_filters(f: np.ndarray, g: ConvGeometry, *, transposed: bool, turned: bo
     return np.ascontiguousarray(t.transpose(2, 0, 3, 1) if transposed else t.transpose(2, 0, 1, 3))
 
 
-def _beside(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+def _beside(fn: Callable[..., Any], *args: Any, started: list[Callable[[], Any]]) -> Callable[[], Any]:
     """``fn(*args)`` on another core (threads.background) when the work is worth waking a
     thread (the first argument, an array, of ``GRID_BESIDE_MIN`` elements or more), else
-    when asked for; returns the function that gives the result."""
+    when asked for; returns the function that gives the result. A call started on another
+    core is added to ``started``, for ``_settle``."""
     if args[0].size >= GRID_BESIDE_MIN:
-        return threads.background(fn, *args)
+        result = threads.background(fn, *args)
+        started.append(result)
+        return result
     return partial(fn, *args)
+
+
+def _settle(started: list[Callable[[], Any]]) -> None:
+    """Wait for the copies started on another core (their results are kept): before their
+    workspace buffers are given back, also when the caller failed before asking for them."""
+    for result in started:
+        with contextlib.suppress(Exception):  # the caller's own error, if any, is raised
+            result()
 
 
 def _run(tasks: list[Task], workers: int) -> None:
@@ -378,20 +390,24 @@ def rows_backward(
     tasks: list[Task] = []
     if data:
         dx = np.empty((*in_hw, g.fc * g.groups, n), dt)
+    started: list[Callable[[], Any]] = []  # copies running on another core
     with conv_gemm.workspace() as alloc, threads.blas_single_threaded() as single:
-        if g.phased:
-            # the input's phases (for dF) are copied on another core while this one copies dY
-            x_grids = None if x is None else _beside(_phase_grids, x, g, alloc)
-            if data:
-                tasks += _phased_data_grad(dy, f, g, dx, alloc)
-            if x_grids is not None:
-                xs, wg, offsets, phases = x_grids()
-                dys = _to_grid(dy, (0, 0, 0, wg - g.wo), g.groups, 0, alloc)[0]
-                df_tasks, finish = _taps_filter_grad(xs, wg, dys, wg, n, 1, offsets, (g.ho, g.wo), phases)
-                tasks = df_tasks + tasks
-        else:
-            tasks, finish = _unit_column_stride_tasks(x, dy, f, g, in_hw, dx, alloc)
-        _run(tasks, conv_gemm.workers(g.macs(n) * (data + (x is not None)), single))
+        try:
+            if g.phased:
+                # the input's phases (for dF) are copied on another core while this one copies dY
+                x_grids = None if x is None else _beside(_phase_grids, x, g, alloc, started=started)
+                if data:
+                    tasks += _phased_data_grad(dy, f, g, dx, alloc)
+                if x_grids is not None:
+                    xs, wg, offsets, phases = x_grids()
+                    dys = _to_grid(dy, (0, 0, 0, wg - g.wo), g.groups, 0, alloc)[0]
+                    df_tasks, finish = _taps_filter_grad(xs, wg, dys, wg, n, 1, offsets, (g.ho, g.wo), phases)
+                    tasks = df_tasks + tasks
+            else:
+                tasks, finish = _unit_column_stride_tasks(x, dy, f, g, in_hw, dx, alloc, started)
+            _run(tasks, conv_gemm.workers(g.macs(n) * (data + (x is not None)), single))
+        finally:
+            _settle(started)
     df = None
     if finish is not None:
         df = finish().reshape(g.groups, g.fh, g.fw, g.fc, g.kg).transpose(1, 2, 3, 0, 4)
@@ -407,6 +423,7 @@ def _unit_column_stride_tasks(
     in_hw: tuple[int, int],
     dx: np.ndarray | None,
     alloc: Alloc,
+    started: list[Callable[[], Any]],
 ) -> tuple[list[Task], Callable[[], np.ndarray] | None]:
     """``rows_backward``'s tasks at column stride 1 (unit strides, or dilation): dX as one correlation
     (below) at row stride 1 when its grid wastes little, else row by row; dF in runs of
@@ -420,7 +437,7 @@ def _unit_column_stride_tasks(
     turned = data and sy == 1 and ew - 1 <= conv_gemm.FLAT_MAX_WASTE * (in_hw[1] + ew - 1)
     whole_df = x is not None and sy == 1 and wp - g.wo <= conv_gemm.FLAT_MAX_WASTE * wp
     # The input's copy (for dF) is made on another core while this one copies dY.
-    x_grid = None if x is None else _beside(_to_grid, x, g.pad, g.groups, ew - 1, alloc)
+    x_grid = None if x is None else _beside(_to_grid, x, g.pad, g.groups, ew - 1, alloc, started=started)
     if turned:
         # dX = the correlation of dY, padded by the filter's reach minus the padding,
         # with the filters turned by 180 degrees and transposed (K/G x FC per tap).

@@ -13,7 +13,9 @@ each process otherwise. Without numba (or with ``ENABLED`` set to False, or
 ``MCN_HARNESS_NO_JIT=1`` in the environment) ``available()`` is False and the callers
 keep their numpy form. numba is told neither ``fastmath`` nor ``parallel``: the
 compiler may not reassociate a sum or fuse a product into an addition, so each float
-operation rounds as its numpy counterpart does.
+operation rounds as its numpy counterpart does. Unlike numpy, the loops raise no floating
+point warnings (an invalid operation or an overflow gives its NaN or infinity silently,
+whatever ``np.errstate`` says); nothing in the harness relies on those warnings.
 """
 
 from __future__ import annotations

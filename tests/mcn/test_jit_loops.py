@@ -1,5 +1,5 @@
 """The compiled loops (harness.mcn.kernels.jit: batch normalisation, the plain ReLU, average
-pooling) give the bits of their numpy definitions."""
+pooling, the column matrix's copies) give the bits of their numpy definitions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.mcn import bnorm, vl_nnbnorm, vl_nnpool, vl_nnrelu
+from harness.mcn import bnorm, vl_nnbnorm, vl_nnconv, vl_nnpool, vl_nnrelu
 from harness.mcn.kernels import bnorm_loops, jit
+
+from .test_kernels_paths import _arrays as _conv_arrays
+from .test_kernels_paths import conv_cases, forced
 
 pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
 
@@ -192,3 +195,20 @@ def test_average_pooling_of_large_maps_same_bits(monkeypatch, pool, stride):
     )
     for got, want in zip(compiled, plain, strict=True):
         np.testing.assert_array_equal(got.view("u4"), want.view("u4"))
+
+
+@settings(deadline=None, max_examples=60)
+@given(case=conv_cases(), dtype=st.sampled_from([np.float32, np.float64]), two_threads=st.booleans())
+def test_column_matrix_copies_same_bits_either_way(case, dtype, two_threads):
+    """The column matrix's im2col and col2im as compiled loops: vl_nnconv forward and
+    backward on the column-matrix path give the same bits as with numpy's copies."""
+    rng, x, f, b = _conv_arrays(case, dtype)
+    opts = dict(pad=case.pad, stride=case.stride, dilate=case.dilate)
+    with forced("columns", two_threads=two_threads, small_blocks=True) as mp:
+        y = vl_nnconv(x, f, b, **opts)
+        dzdy = rng.standard_normal(y.shape).astype(dtype)
+        compiled = (y, *vl_nnconv(x, f, b, dzdy, **opts))
+        mp.setattr(jit, "ENABLED", False)
+        plain = (vl_nnconv(x, f, b, **opts), *vl_nnconv(x, f, b, dzdy, **opts))
+    for got, want in zip(compiled, plain, strict=True):
+        _same_bits(got, want)

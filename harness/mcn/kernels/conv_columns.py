@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.mcn.kernels import conv_gemm, threads
+from harness.mcn.kernels import columns_loops, conv_gemm, jit, threads
 from harness.mcn.kernels.blas import gemm
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ def _im2col(xp: np.ndarray, g: ConvGeometry, rows: slice, cs: slice, buf: np.nda
     cols = buf[: g.kd * (rows.stop - rows.start) * g.wo * n].reshape(
         g.fh, g.fw, g.fc, rows.stop - rows.start, g.wo, n
     )
+    if jit.available():
+        columns_loops.im2col(xp, cols, rows.start, cs.start, *g.stride, *g.dilate)
+        return cols.reshape(g.kd, -1)
     for i in range(g.fh):
         for j in range(g.fw):
             ys, xs = g.tap(i, j, rows)
@@ -62,6 +65,9 @@ def _im2col(xp: np.ndarray, g: ConvGeometry, rows: slice, cs: slice, buf: np.nda
 def _col2im_add(dcols: np.ndarray, g: ConvGeometry, rows: slice, cs: slice, dxp: np.ndarray) -> None:
     """Adjoint of ``_im2col``: accumulate (FH*FW*FC) x (rows*Wo*N) columns into ``dxp``."""
     d = dcols.reshape(g.fh, g.fw, g.fc, rows.stop - rows.start, g.wo, dxp.shape[3])
+    if jit.available():
+        columns_loops.col2im_add(d, dxp, rows.start, cs.start, *g.stride, *g.dilate)
+        return
     for i in range(g.fh):
         for j in range(g.fw):
             ys, xs = g.tap(i, j, rows)

@@ -105,11 +105,13 @@ def _max_backward(
         np.add(dzdx[i], contrib[o], out=dzdx[i])
 
 
-def _avg_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarray) -> None:
+def _avg_forward(
+    x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarray, table: np.ndarray | None
+) -> None:
     # acc_sum: a running sum from 0 in column-major window order, then times 1/n.
     y.fill(0)
-    if jit.available():
-        pool_loops.add_taps(y, x, pool_loops.tap_table(taps), False)
+    if table is not None:  # the compiled loop (pool_loops), the same additions in one call
+        pool_loops.add_taps(y, x, table, False)
     else:
         for _, o, i in taps:
             np.add(y[o], x[i], out=y[o])
@@ -118,12 +120,17 @@ def _avg_forward(x: np.ndarray, y: np.ndarray, taps: list[_Tap], scale: np.ndarr
 
 
 def _avg_backward(
-    dzdy: np.ndarray, dzdx: np.ndarray, g: np.ndarray, taps: list[_Tap], scale: np.ndarray
+    dzdy: np.ndarray,
+    dzdx: np.ndarray,
+    g: np.ndarray,
+    taps: list[_Tap],
+    scale: np.ndarray,
+    table: np.ndarray | None,
 ) -> None:
     np.multiply(dzdy, scale, out=g)
     dzdx.fill(0)
-    if jit.available():
-        pool_loops.add_taps(g, dzdx, pool_loops.tap_table(taps), True)
+    if table is not None:
+        pool_loops.add_taps(g, dzdx, table, True)
         return
     for _, o, i in reversed(taps):
         np.add(dzdx[i], g[o], out=dzdx[i])
@@ -172,8 +179,10 @@ def vl_nnpool(
     x, dt, pool_hw, stride_yx, pad_tblr, method, out = _options(x, pool, method, pad, stride)
     out_shape = out + x.shape[2:]
     taps = _taps(x.shape[:2], out, pool_hw, stride_yx, pad_tblr)
-    scale = None
+    scale = table = None
     if method == "avg":
+        # the taps as the compiled loop reads them, once for every block (None: numpy's loop)
+        table = pool_loops.tap_table(taps) if jit.available() else None
         counts = np.multiply.outer(
             _clipped_counts(x.shape[0], out[0], pad_tblr[0], stride_yx[0], pool_hw[0]),
             _clipped_counts(x.shape[1], out[1], pad_tblr[2], stride_yx[1], pool_hw[1]),
@@ -193,7 +202,9 @@ def vl_nnpool(
         if method == "max":
             run_blocks(lambda x_, y_: _max_forward(x_, y_, taps), (x3,), (y3,), (), overlap=overlap)
         else:
-            run_blocks(lambda x_, y_: _avg_forward(x_, y_, taps, scale), (x3,), (y3,), (), overlap=overlap)
+            run_blocks(
+                lambda x_, y_: _avg_forward(x_, y_, taps, scale, table), (x3,), (y3,), (), overlap=overlap
+            )
         return y
 
     dzdy = as_4d(dzdy, "dzdy", dtype=dt)
@@ -210,7 +221,7 @@ def vl_nnpool(
         run_blocks(lambda *a: _max_backward(*a, taps), (x3, dzdy3), (dzdx3,), scratch, overlap=overlap)
     else:
         run_blocks(
-            lambda g_, d_, s_: _avg_backward(g_, d_, s_, taps, scale),
+            lambda g_, d_, s_: _avg_backward(g_, d_, s_, taps, scale, table),
             (dzdy3,),
             (dzdx3,),
             ((out, dt),),

@@ -15,7 +15,7 @@ from harness.mcn.kernels.jit import Compiled
 __all__ = ["col2im_add", "im2col"]
 
 
-def _im2col(xp, cols, r0, c0, sy, sx, dy, dx):  # noqa: ANN001, ANN202 - compiled by numba
+def _tap_copies(xp, cols, r0, c0, sy, sx, dy, dx, adjoint):  # noqa: ANN001, ANN202 - compiled by numba
     fh, fw, fc, rows, wo, n = cols.shape
     for i in range(fh):
         for j in range(fw):
@@ -23,27 +23,24 @@ def _im2col(xp, cols, r0, c0, sy, sx, dy, dx):  # noqa: ANN001, ANN202 - compile
                 for a in range(rows):
                     y = (r0 + a) * sy + i * dy
                     for b in range(wo):
-                        src = xp[y, b * sx + j * dx, c0 + c]
-                        dst = cols[i, j, c, a, b]
-                        for m in range(n):
-                            dst[m] = src[m]
+                        pixel = xp[y, b * sx + j * dx, c0 + c]
+                        column = cols[i, j, c, a, b]
+                        if adjoint:
+                            for m in range(n):
+                                pixel[m] += column[m]
+                        else:
+                            for m in range(n):
+                                column[m] = pixel[m]
 
 
-def _col2im_add(d, dxp, r0, c0, sy, sx, dy, dx):  # noqa: ANN001, ANN202 - compiled by numba
-    fh, fw, fc, rows, wo, n = d.shape
-    for i in range(fh):
-        for j in range(fw):
-            for c in range(fc):
-                for a in range(rows):
-                    y = (r0 + a) * sy + i * dy
-                    for b in range(wo):
-                        src = d[i, j, c, a, b]
-                        dst = dxp[y, b * sx + j * dx, c0 + c]
-                        for m in range(n):
-                            dst[m] += src[m]
+_copies = Compiled(_tap_copies)
 
 
-im2col = Compiled(_im2col)
-im2col.__doc__ = """cols[i, j, c, a, b] = xp[(r0 + a)*SY + i*DY, b*SX + j*DX, c0 + c] (N numbers each)."""
-col2im_add = Compiled(_col2im_add)
-col2im_add.__doc__ = """The adjoint of ``im2col``: those pixels of dxp += d[i, j, c, a, b], tap after tap."""
+def im2col(xp, cols, r0, c0, sy, sx, dy, dx) -> None:  # noqa: ANN001
+    """cols[i, j, c, a, b] = xp[(r0 + a)*SY + i*DY, b*SX + j*DX, c0 + c] (N numbers each)."""
+    _copies(xp, cols, r0, c0, sy, sx, dy, dx, False)
+
+
+def col2im_add(d, dxp, r0, c0, sy, sx, dy, dx) -> None:  # noqa: ANN001
+    """The adjoint of ``im2col``: those pixels of dxp += d[i, j, c, a, b], tap after tap."""
+    _copies(dxp, d, r0, c0, sy, sx, dy, dx, True)

@@ -278,6 +278,12 @@ def _tap_filters(f: np.ndarray, g: ConvGeometry, *, transposed: bool, turned: bo
     return np.ascontiguousarray(t.transpose(2, 0, 3, 1) if transposed else t.transpose(2, 0, 1, 3))
 
 
+def _tap_offsets(g: ConvGeometry, width: int) -> list[int]:
+    """Each filter tap's shift, in pixels, on a grid ``width`` pixels wide (dilation included)."""
+    ddy, ddx = g.dilate
+    return [i * ddy * width + j * ddx for i, j in g.taps()]
+
+
 def _beside(fn: Callable[..., Any], *args: Any, started: list[Callable[[], Any]]) -> Callable[[], Any]:
     """``fn(*args)`` on another core (threads.background) when the work is worth waking a
     thread (the first argument, an array, of ``GRID_BESIDE_MIN`` elements or more), else
@@ -308,7 +314,7 @@ def rows_forward(x: np.ndarray, f: np.ndarray, g: ConvGeometry, bias: np.ndarray
     """``conv_forward`` for ``g.rows_path``: per group, Y = sum over taps (i, j) of the input
     block shifted by the tap times F[i, j] (FC x K/G), on the pixel-major layout."""
     n, dt = x.shape[3], x.dtype
-    (sy, _), (ddy, ddx) = g.stride, g.dilate
+    sy = g.stride[0]
     kg = g.kg
     y = np.empty((g.ho, g.wo, g.k, n), dt)
 
@@ -325,7 +331,7 @@ def rows_forward(x: np.ndarray, f: np.ndarray, g: ConvGeometry, bias: np.ndarray
             tasks = _taps_pass(xs, wg, n, wt, 1, offsets, (g.ho, g.wo), epilogue, phases)
         else:
             xs, _, wg = _to_grid(x, g.pad, g.groups, g.extent[1] - 1, alloc, split=True)
-            offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
+            offsets = _tap_offsets(g, wg)
             tasks = _taps_pass(xs[None], wg, n, wt, sy, offsets, (g.ho, g.wo), epilogue)
         _run(tasks, conv_gemm.workers(g.macs(n), single))
     return y
@@ -429,7 +435,7 @@ def _unit_column_stride_tasks(
     (below) at row stride 1 when its grid wastes little, else row by row; dF in runs of
     whole rows when the input grid wastes little, else row by row."""
     n, data = dy.shape[3], dx is not None
-    (sy, _), (ddy, ddx) = g.stride, g.dilate
+    sy = g.stride[0]
     pt, pb, pl, pr = g.pad
     (eh, ew), wp = g.extent, g.padded(in_hw)[1]
     dys = finish = None
@@ -447,7 +453,7 @@ def _unit_column_stride_tasks(
         def epilogue(q: int, rows: slice, block: np.ndarray) -> None:
             np.copyto(dx[rows, :, q * g.fc : (q + 1) * g.fc], block[:, : in_hw[1]].transpose(0, 1, 3, 2))
 
-        offsets = [i * ddy * wq + j * ddx for i, j in g.taps()]
+        offsets = _tap_offsets(g, wq)
         wr = _tap_filters(f, g, transposed=True, turned=True)
         tasks += _taps_pass(dyp[None], wq, n, wr, 1, offsets, in_hw, epilogue)
         if wq == wp and min(pads) >= 0:
@@ -461,7 +467,7 @@ def _unit_column_stride_tasks(
         tasks += _taps_data_grad_rows(dys, dys_w, n, _tap_filters(f, g, transposed=True), g, in_hw, dx)
     if x is not None:
         xs, _, wg = x_grid()
-        offsets = [i * ddy * wg + j * ddx for i, j in g.taps()]
+        offsets = _tap_offsets(g, wg)
         df_tasks, finish = _taps_filter_grad(xs[None], wg, dys, dys_w, n, sy, offsets, (g.ho, g.wo))
         tasks = df_tasks + tasks  # the longer tasks first, the short ones balance the end
     return tasks, finish

@@ -310,7 +310,7 @@ def main() -> None:
     for line in blas_report():
         print(line)
     print(f"  malloc keeps freed memory (as mcn-harness does): {kept}")
-    print(f"  compiled loops (BatchNorm, ReLU, average pooling, im2col): {compiled_loops()}")
+    print(f"  compiled loops (BatchNorm, ReLU, average pooling, im2col, tap products): {compiled_loops()}")
     print(f"  load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f}")
 
 

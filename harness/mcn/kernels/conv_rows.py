@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.mcn.kernels import conv_gemm, threads
+from harness.mcn.kernels import conv_gemm, jit, taps_loops, threads
 from harness.mcn.kernels.blas import RowProducts
 
 if TYPE_CHECKING:
@@ -41,6 +41,15 @@ Task = Callable[[int], None]  # called with the index of the worker thread runni
 # the forward pass's one copy is shared among the cores from GRID_SPLIT_MIN.
 GRID_BESIDE_MIN = 1 << 16
 GRID_SPLIT_MIN = 1 << 18
+# The compiled tap products (taps_loops.tap_sums) run layers up to this many taps x
+# channels deep and this many filters wide (bench_family's ResNet- and DnCNN-shaped
+# layers: 3x3 over 32 or 64 channels, 32 or 64 filters; processor time 0.70-0.88 of the
+# BLAS's, against 0.92-1.33 at 128-256 channels and filters); they take the channels in
+# spans whose weights for one tile of filters (taps x span x TILE) fit in
+# TAP_WEIGHTS_BYTES of first-level cache.
+TAP_SUMS_MAX_DEPTH = 9 * 64
+TAP_SUMS_MAX_FILTERS = 64
+TAP_WEIGHTS_BYTES = 40 << 10
 
 
 def _to_grid(
@@ -150,6 +159,35 @@ def _taps_pass(
     # src_w-wide grid reads src pixel (its index + offset); the extra columns are dropped.
     whole = sy == 1 and step > 1 and src_w - out_w <= conv_gemm.FLAT_MAX_WASTE * src_w
     scratch = conv_gemm.Scratch(step * row * cout, src.dtype)
+    if _compiled_taps(src, wt):
+        flat, cin = src.reshape(-1), src.shape[3]
+        # channels per span: the span's weights for one tile of filters within TAP_WEIGHTS_BYTES
+        most = max(1, TAP_WEIGHTS_BYTES // (len(offsets) * taps_loops.TILE * src.itemsize))
+        spans = -(-cin // most)
+        span = -(-cin // spans)
+        # where tap t's rows start, in elements of the flat array, for group q
+        starts = [
+            [
+                ((p * groups + q) * src.shape[2] + off * n) * cin
+                for p, off in zip(phases, offsets, strict=True)
+            ]
+            for q in range(groups)
+        ]
+
+        def compiled(q: int, rows: slice, worker: int) -> None:
+            r = rows.stop - rows.start
+            buf = scratch.get(worker)[: r * row * cout]
+            w, tap0 = wt[q].reshape(-1), np.array(starts[q], np.uint64)
+            if whole:
+                taps_loops.tap_sums(flat, tap0 + rows.start * row * cin, w, buf, 0, r * row, cin, cout, span)
+            else:
+                for i, oy in enumerate(range(rows.start, rows.stop)):
+                    taps_loops.tap_sums(
+                        flat, tap0 + oy * sy * row * cin, w, buf, i * row, out_w * n, cin, cout, span
+                    )
+            epilogue(q, rows, buf.reshape(r, src_w, n, cout))
+
+        return [partial(compiled, q, rows) for q in range(groups) for rows in blocks]
 
     def task(q: int, rows: slice, worker: int) -> None:
         r = rows.stop - rows.start
@@ -166,6 +204,36 @@ def _taps_pass(
         epilogue(q, rows, buf.reshape(r, src_w, n, cout))
 
     return [partial(task, q, rows) for q in range(groups) for rows in blocks]
+
+
+def _compiled_taps(src: np.ndarray, wt: np.ndarray) -> bool:
+    """Whether ``_taps_pass`` runs its sums as compiled loops (taps_loops: float32, the
+    filter count a multiple of its tile) rather than as BLAS products: for layers up to
+    TAP_SUMS_MAX_DEPTH taps x channels deep and TAP_SUMS_MAX_FILTERS filters, where they
+    were measured faster (the BLAS's blocking wins on deeper and wider layers)."""
+    _, taps, cin, cout = wt.shape
+    return (
+        jit.available()
+        and src.dtype == wt.dtype == np.float32
+        and cout % taps_loops.TILE == 0
+        and taps * cin <= TAP_SUMS_MAX_DEPTH
+        and cout <= TAP_SUMS_MAX_FILTERS
+        and src.flags.c_contiguous
+        and wt.flags.c_contiguous
+    )
+
+
+def _compiled_grads(xs: np.ndarray, dys: np.ndarray) -> bool:
+    """Whether ``_taps_filter_grad`` runs its sums as compiled loops (taps_loops: float32,
+    the channel count a multiple of its tile, the filter count of its tile)."""
+    return (
+        jit.available()
+        and xs.dtype == dys.dtype == np.float32
+        and xs.shape[3] % taps_loops.CHANNELS == 0
+        and dys.shape[2] % taps_loops.TILE == 0
+        and xs.flags.c_contiguous
+        and dys[0].flags.c_contiguous
+    )
 
 
 def _taps_filter_grad(
@@ -204,6 +272,26 @@ def _taps_filter_grad(
     # in cache from one tap to the next; the taps are shared out when the parts are few.
     tap_sets = conv_gemm.split_evenly(taps, -(-2 * conv_gemm.MIN_BLOCKS // (len(parts) * groups)))
     sums = np.empty((len(parts), groups, taps, cin, cout), xs.dtype)
+
+    if whole and _compiled_grads(xs, dys):
+        flat = xs.reshape(-1)
+        # where tap t's rows start, in elements of the flat array, for group q
+        starts = [
+            [((p * groups + q) * xs.shape[2] + off * n) * cin for p, off in zip(phases, offsets, strict=True)]
+            for q in range(groups)
+        ]
+
+        def compiled(p: int, q: int, ks: slice, worker: int) -> None:
+            d, out, tap0 = dys[q].reshape(-1), sums[p, q, ks], np.array(starts[q][ks], np.uint64)
+            out.fill(0)
+            for rows in parts[p]:
+                m, s = (rows.stop - rows.start) * xs_w * n, rows.start * xs_w * n
+                taps_loops.tap_grads(flat, tap0 + s * cin, d, s, m, out, cin, cout)
+
+        tasks = [
+            partial(compiled, p, q, ks) for p in range(len(parts)) for q in range(groups) for ks in tap_sets
+        ]
+        return tasks, lambda: sums.sum(axis=0) if len(parts) > 1 else sums[0]
 
     def task(p: int, q: int, ks: slice, worker: int) -> None:
         mm, d = RowProducts(xs.dtype), dys[q]

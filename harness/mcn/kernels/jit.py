@@ -16,6 +16,12 @@ compiler may not reassociate a sum or fuse a product into an addition, so each f
 operation rounds as its numpy counterpart does. Unlike numpy, the loops raise no floating
 point warnings (an invalid operation or an overflow gives its NaN or infinity silently,
 whatever ``np.errstate`` says); nothing in the harness relies on those warnings.
+
+One exception, by name: the tap products (taps_loops, ``Compiled(fn, contract=True)``)
+may fuse a product into the addition that follows it (``fastmath={"contract"}``, one
+rounding instead of two; still no reassociation), and are compiled with numba's SLP
+vectorizer on (off by default), which turns their named accumulators into vector
+registers. Their results are compared with the BLAS's within tolerances, not bit for bit.
 """
 
 from __future__ import annotations
@@ -51,23 +57,39 @@ def available() -> bool:
 
 
 class Compiled:
-    """``fn`` compiled by numba (nopython mode, the GIL released) on its first call."""
+    """``fn`` compiled by numba (nopython mode, the GIL released) on its first call; with
+    ``contract``, fused multiply-adds allowed and the SLP vectorizer on (see above)."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable[..., Any], *, contract: bool = False) -> None:
+        self.fn, self.contract = fn, contract
         self._impl: Callable[..., Any] | None = None
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
-    def _compile(self) -> Callable[..., Any]:
+    def _compile(self, args: tuple[Any, ...]) -> Any:
+        """Compile (or load from the cache) and make the first call, under the lock: the SLP
+        setting is numba's, process-wide, and read when a function is compiled."""
         with _lock:
-            if self._impl is None:
-                numba = _numba()
-                try:
-                    impl = numba.njit(cache=True, nogil=True)(self.fn)
-                except RuntimeError:  # no writable cache directory: compile in each process
-                    impl = numba.njit(nogil=True)(self.fn)
-                self._impl = impl
-        return self._impl
+            if self._impl is not None:
+                return self._impl(*args)
+            numba = _numba()
+            options: dict[str, Any] = {"nogil": True}
+            if self.contract:
+                options["fastmath"] = {"contract"}
+            try:
+                impl = numba.njit(cache=True, **options)(self.fn)
+            except RuntimeError:  # no writable cache directory: compile in each process
+                impl = numba.njit(**options)(self.fn)
+            config = numba.core.config
+            saved = config.SLP_VECTORIZE
+            config.SLP_VECTORIZE = 1 if self.contract else saved
+            try:
+                result = impl(*args)
+            finally:
+                config.SLP_VECTORIZE = saved
+            self._impl = impl
+            return result
 
     def __call__(self, *args: Any) -> Any:
-        return (self._impl or self._compile())(*args)
+        if self._impl is None:
+            return self._compile(args)
+        return self._impl(*args)

@@ -1,0 +1,153 @@
+"""The compiled tap products (harness.mcn.kernels.taps_loops): the generated module is the
+one its generator writes, each loop computes its definition (every tile, the tails, the
+spans), and the convolution paths that take them agree with the plain definition and
+are taken where they should be (float32, filter counts in tiles of 32) and only there."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import harness.mcn.kernels.conv_rows as conv_rows
+from harness.mcn.kernels import jit, taps_codegen, taps_loops
+
+from .test_kernels_paths import _check_conv, _spy, conv_cases, forced
+
+pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
+
+
+def test_module_is_what_the_generator_writes():
+    path = Path(taps_loops.__file__)
+    assert path.read_text() == taps_codegen.source(), "run python -m harness.mcn.kernels.taps_codegen"
+    assert (taps_loops.ROWS, taps_loops.CHANNELS, taps_loops.TILE) == (
+        taps_codegen.ROWS,
+        taps_codegen.CHANNELS,
+        taps_codegen.TILE,
+    )
+
+
+def _rows_and_taps(rng, taps, cin, rows):
+    src = rng.standard_normal(rows * cin + 7).astype(np.float32)
+    starts = rng.integers(0, rows // 3, size=taps) * cin  # overlapping runs of rows, as taps read
+    return src, starts.astype(np.uint64)
+
+
+@pytest.mark.parametrize(
+    ("taps", "cin", "cout", "m", "span"),
+    [
+        (9, 32, 32, 64, 32),
+        (9, 16, 64, 4 * 5 + 3, 16),
+        (4, 24, 32, 3, 10),
+        (1, 1, 32, 1, 1),
+        (9, 64, 96, 37, 24),
+    ],
+)
+def test_tap_sums_is_its_definition(taps, cin, cout, m, span):
+    rng = np.random.default_rng(taps * 1000 + cin)
+    rows = 3 * m + 40
+    src, starts = _rows_and_taps(rng, taps, cin, rows)
+    w = rng.standard_normal((taps, cin, cout)).astype(np.float32)
+    o0 = 5
+    out = np.full((o0 + m + 3, cout), 7.0, np.float32)
+    taps_loops.tap_sums(src, starts, w.reshape(-1), out.reshape(-1), o0, m, cin, cout, span)
+    want = np.zeros((m, cout))
+    for t in range(taps):
+        block = src[int(starts[t]) : int(starts[t]) + m * cin].reshape(m, cin).astype(np.float64)
+        want += block @ w[t].astype(np.float64)
+    scale = np.abs(want).max()
+    assert np.abs(out[o0 : o0 + m] - want).max() <= 1e-5 * scale
+    assert (out[:o0] == 7).all() and (out[o0 + m :] == 7).all(), "rows outside o0..o0+m-1 were written"
+
+
+@pytest.mark.parametrize(
+    ("taps", "cin", "cout", "m"), [(9, 32, 32, 600), (3, 8, 64, 5), (2, 16, 32, 256), (1, 8, 32, 1)]
+)
+def test_tap_grads_adds_its_definition(taps, cin, cout, m):
+    rng = np.random.default_rng(taps * 1000 + cin + m)
+    rows = 3 * m + 40
+    src, starts = _rows_and_taps(rng, taps, cin, rows)
+    d0 = 4
+    dy = rng.standard_normal((d0 + m + 2, cout)).astype(np.float32)
+    before = rng.standard_normal((taps, cin, cout)).astype(np.float32)
+    out = before.copy()
+    taps_loops.tap_grads(src, starts, dy.reshape(-1), d0, m, out, cin, cout)
+    want = before.astype(np.float64)
+    for t in range(taps):
+        block = src[int(starts[t]) : int(starts[t]) + m * cin].reshape(m, cin).astype(np.float64)
+        want[t] += block.T @ dy[d0 : d0 + m].astype(np.float64)
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_running_sums_of_many_terms_stay_within_the_blas_error():
+    """tap_grads sums a long run of rows in spans (a float32 running total of thousands of
+    terms drifts): on 20,000 rows its error against float64 is no worse than twice the
+    BLAS's."""
+    rng = np.random.default_rng(5)
+    m, cin, cout = 20000, 8, 32
+    src = (rng.standard_normal(m * cin) + 1).astype(np.float32)
+    dy = (rng.standard_normal((m, cout)) + 1).astype(np.float32)
+    out = np.zeros((1, cin, cout), np.float32)
+    taps_loops.tap_grads(src, np.zeros(1, np.uint64), dy.reshape(-1), 0, m, out, cin, cout)
+    x = src.reshape(m, cin)
+    want = x.astype(np.float64).T @ dy.astype(np.float64)
+    blas = np.abs((x.T @ dy).astype(np.float64) - want).max()
+    assert np.abs(out[0] - want).max() <= 2 * blas + 1e-6 * np.abs(want).max()
+
+
+def _wide(case, cin: int, kg: int):
+    """``case`` with ``cin`` channels and ``kg`` filters per group (the compiled loops' tiles)."""
+    h, w, c, n = case.xshape
+    fh, fw, fc, k = case.fshape
+    groups = c // fc
+    return dataclasses.replace(case, xshape=(h, w, groups * cin, n), fshape=(fh, fw, cin, groups * kg))
+
+
+@pytest.mark.parametrize("path", ["rows-whole", "rows-by-row"])
+@settings(deadline=None, max_examples=25)
+@given(
+    case=conv_cases(),
+    cin=st.sampled_from([8, 16, 24]),
+    kg=st.sampled_from([32, 64]),
+    two_threads=st.booleans(),
+    small_blocks=st.booleans(),
+)
+def test_conv_through_the_compiled_loops_matches_the_definition(
+    path, case, cin, kg, two_threads, small_blocks
+):
+    """Forward and the three derivatives, float32, filters in tiles of 32 (strides, dilation,
+    pads, groups as the path tests draw them), with the compiled loops taken."""
+    case = _wide(case, cin, kg)
+    with forced(path, two_threads=two_threads, small_blocks=small_blocks) as m:
+        taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))
+        _check_conv(case, np.float32)
+    direct = case.pad == (0, 0, 0, 0) and case.fshape[:2] == case.xshape[:2]  # conv_direct's case
+    if (case.stride[1] == 1 or case.dilate == (1, 1)) and not direct:  # the tap products apply
+        assert "tap_sums" in taken
+
+
+def test_compiled_loops_are_taken_only_where_they_apply(monkeypatch):
+    """float32 and 32 filters: both loops; float64, 48 filters, or deeper than
+    TAP_SUMS_MAX_DEPTH: the BLAS (the results checked against the definition each time)."""
+    from .test_kernels_paths import Case
+
+    case = Case((8, 8, 16, 2), (3, 3, 16, 32), (1, 1, 1, 1), (1, 1), (1, 1), 3)
+    for dtype, fshape, expect in [
+        (np.float32, (3, 3, 16, 32), {"tap_sums", "tap_grads"}),
+        (np.float64, (3, 3, 16, 32), set()),
+        (np.float32, (3, 3, 16, 48), set()),
+        (np.float32, (3, 3, 16, 128), {"tap_grads"}),
+    ]:
+        with forced("rows-whole", two_threads=False, small_blocks=False) as m:
+            taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))
+            _check_conv(dataclasses.replace(case, fshape=fshape), dtype)
+        assert set(taken) == expect, (dtype, fshape)
+    with forced("rows-whole", two_threads=False, small_blocks=False) as m:
+        m.setattr(conv_rows, "TAP_SUMS_MAX_DEPTH", 9 * 16 - 1)
+        taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))
+        _check_conv(case, np.float32)
+    assert set(taken) == {"tap_grads"}

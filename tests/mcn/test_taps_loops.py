@@ -24,10 +24,11 @@ pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not instal
 def test_module_is_what_the_generator_writes():
     path = Path(taps_loops.__file__)
     assert path.read_text() == taps_codegen.source(), "run python -m harness.mcn.kernels.taps_codegen"
-    assert (taps_loops.ROWS, taps_loops.CHANNELS, taps_loops.TILE) == (
+    assert (taps_loops.ROWS, taps_loops.CHANNELS, taps_loops.TILE, taps_loops.WIDE) == (
         taps_codegen.ROWS,
         taps_codegen.CHANNELS,
         taps_codegen.TILE,
+        taps_codegen.WIDE,
     )
 
 
@@ -41,10 +42,11 @@ def _rows_and_taps(rng, taps, cin, rows):
     ("taps", "cin", "cout", "m", "span"),
     [
         (9, 32, 32, 64, 32),
-        (9, 16, 64, 4 * 5 + 3, 16),
-        (4, 24, 32, 3, 10),
+        (9, 16, 64, 4 * 5 + 3, 16),  # tiles of 64 filters; a tail row
+        (4, 24, 32, 3, 10),  # fewer rows than a tile; uneven spans
         (1, 1, 32, 1, 1),
-        (9, 64, 96, 37, 24),
+        (9, 64, 96, 37, 24),  # three tiles of 32
+        (9, 40, 128, 9, 16),  # two tiles of 64
     ],
 )
 def test_tap_sums_is_its_definition(taps, cin, cout, m, span):
@@ -65,7 +67,16 @@ def test_tap_sums_is_its_definition(taps, cin, cout, m, span):
 
 
 @pytest.mark.parametrize(
-    ("taps", "cin", "cout", "m"), [(9, 32, 32, 600), (3, 8, 64, 5), (2, 16, 32, 256), (1, 8, 32, 1)]
+    ("taps", "cin", "cout", "m"),
+    [
+        (9, 32, 32, 600),
+        (3, 8, 64, 5),
+        (2, 16, 32, 256),
+        (1, 8, 32, 1),
+        (2, 4, 64, 300),
+        (2, 16, 96, 7),
+        (1, 8, 128, 3),
+    ],
 )
 def test_tap_grads_adds_its_definition(taps, cin, cout, m):
     rng = np.random.default_rng(taps * 1000 + cin + m)
@@ -81,6 +92,30 @@ def test_tap_grads_adds_its_definition(taps, cin, cout, m):
         block = src[int(starts[t]) : int(starts[t]) + m * cin].reshape(m, cin).astype(np.float64)
         want[t] += block.T @ dy[d0 : d0 + m].astype(np.float64)
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_arguments_that_would_leave_the_arrays_are_refused():
+    """The loops run without bounds checks: their wrappers refuse what would take them out."""
+    src, starts = np.zeros(100 * 8, np.float32), np.zeros(2, np.uint64)
+    w, out = np.zeros(2 * 8 * 32, np.float32), np.zeros(10 * 32, np.float32)
+    taps_loops.tap_sums(src, starts, w, out, 0, 10, 8, 32, 8)  # fits
+    for args, what in [
+        ((src, starts, w, out, 0, 11, 8, 32, 8), "out too small"),
+        ((src, starts + np.uint64(8 * 95), w, out, 0, 10, 8, 32, 8), "src or w too small"),
+        ((src, starts, w[:-1], out, 0, 10, 8, 32, 8), "src or w too small"),
+        ((src, starts, w, out, 0, 10, 8, 48, 8), "multiple of 32"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            taps_loops.tap_sums(*args)
+    dy, grads = np.zeros(10 * 32, np.float32), np.zeros((2, 8, 32), np.float32)
+    taps_loops.tap_grads(src, starts, dy, 0, 10, grads, 8, 32)  # fits
+    for args, what in [
+        ((src, starts, dy, 1, 10, grads, 8, 32), "src or dy too small"),
+        ((src, starts, dy, 0, 10, grads[:1], 8, 32), "out is not"),
+        ((src, starts, dy, 0, 10, np.zeros((2, 12, 32), np.float32), 12, 32), "not a multiple of the tile"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            taps_loops.tap_grads(*args)
 
 
 def test_running_sums_of_many_terms_stay_within_the_blas_error():
@@ -131,8 +166,9 @@ def test_conv_through_the_compiled_loops_matches_the_definition(
 
 
 def test_compiled_loops_are_taken_only_where_they_apply(monkeypatch):
-    """float32 and 32 filters: both loops; float64, 48 filters, or deeper than
-    TAP_SUMS_MAX_DEPTH: the BLAS (the results checked against the definition each time)."""
+    """float32 and 32 filters: both loops; float64 or 48 filters: the BLAS; 256 filters
+    (wider than TAP_SUMS_MAX_FILTERS) or deeper than TAP_SUMS_MAX_DEPTH: the filter
+    derivative's loop only (the results checked against the definition each time)."""
     from .test_kernels_paths import Case
 
     case = Case((8, 8, 16, 2), (3, 3, 16, 32), (1, 1, 1, 1), (1, 1), (1, 1), 3)
@@ -140,7 +176,8 @@ def test_compiled_loops_are_taken_only_where_they_apply(monkeypatch):
         (np.float32, (3, 3, 16, 32), {"tap_sums", "tap_grads"}),
         (np.float64, (3, 3, 16, 32), set()),
         (np.float32, (3, 3, 16, 48), set()),
-        (np.float32, (3, 3, 16, 128), {"tap_grads"}),
+        (np.float32, (3, 3, 16, 64), {"tap_sums", "tap_grads"}),
+        (np.float32, (3, 3, 16, 256), {"tap_grads"}),
     ]:
         with forced("rows-whole", two_threads=False, small_blocks=False) as m:
             taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))

@@ -42,14 +42,14 @@ Task = Callable[[int], None]  # called with the index of the worker thread runni
 GRID_BESIDE_MIN = 1 << 16
 GRID_SPLIT_MIN = 1 << 18
 # The compiled tap products (taps_loops.tap_sums) run layers up to this many taps x
-# channels deep and this many filters wide (bench_family's ResNet- and DnCNN-shaped
-# layers: 3x3 over 32 or 64 channels, 32 or 64 filters; processor time 0.70-0.88 of the
-# BLAS's, against 0.92-1.33 at 128-256 channels and filters); they take the channels in
-# spans whose weights for one tile of filters (taps x span x TILE) fit in
-# TAP_WEIGHTS_BYTES of first-level cache.
-TAP_SUMS_MAX_DEPTH = 9 * 64
-TAP_SUMS_MAX_FILTERS = 64
-TAP_WEIGHTS_BYTES = 40 << 10
+# channels deep and this many filters wide: measured in processor time against the BLAS
+# (3x3, pad 1, float32, 2 cores), 0.79-0.88 at 32-64 channels and filters (bench_family's
+# ResNet-, DnCNN- and VGG-shaped layers), 0.90-1.03 at 64-128, 0.99-1.07 at 128-256
+# filters (left to the BLAS). They take the channels in spans whose weights for one tile
+# of filters (taps x span x tile) fit in TAP_WEIGHTS_BYTES.
+TAP_SUMS_MAX_DEPTH = 9 * 128
+TAP_SUMS_MAX_FILTERS = 128
+TAP_WEIGHTS_BYTES = 80 << 10
 
 
 def _to_grid(
@@ -162,7 +162,8 @@ def _taps_pass(
     if _compiled_taps(src, wt):
         flat, cin = src.reshape(-1), src.shape[3]
         # channels per span: the span's weights for one tile of filters within TAP_WEIGHTS_BYTES
-        most = max(1, TAP_WEIGHTS_BYTES // (len(offsets) * taps_loops.TILE * src.itemsize))
+        tile = taps_loops.WIDE if cout % taps_loops.WIDE == 0 else taps_loops.TILE
+        most = max(1, TAP_WEIGHTS_BYTES // (len(offsets) * tile * src.itemsize))
         spans = -(-cin // most)
         span = -(-cin // spans)
         # where tap t's rows start, in elements of the flat array, for group q
@@ -210,10 +211,13 @@ def _compiled_taps(src: np.ndarray, wt: np.ndarray) -> bool:
     """Whether ``_taps_pass`` runs its sums as compiled loops (taps_loops: float32, the
     filter count a multiple of its tile) rather than as BLAS products: for layers up to
     TAP_SUMS_MAX_DEPTH taps x channels deep and TAP_SUMS_MAX_FILTERS filters, where they
-    were measured faster (the BLAS's blocking wins on deeper and wider layers)."""
-    _, taps, cin, cout = wt.shape
+    were measured faster (the BLAS's blocking wins on deeper and wider layers), and from
+    conv_gemm.PARALLEL_MIN_MACS multiply-adds (the loops' first use in a process compiles
+    them, or loads them from numba's cache: not worth it for a few small products)."""
+    groups, taps, cin, cout = wt.shape
     return (
         jit.available()
+        and src.shape[2] * groups * taps * cin * cout >= conv_gemm.PARALLEL_MIN_MACS
         and src.dtype == wt.dtype == np.float32
         and cout % taps_loops.TILE == 0
         and taps * cin <= TAP_SUMS_MAX_DEPTH
@@ -225,11 +229,14 @@ def _compiled_taps(src: np.ndarray, wt: np.ndarray) -> bool:
 
 def _compiled_grads(xs: np.ndarray, dys: np.ndarray) -> bool:
     """Whether ``_taps_filter_grad`` runs its sums as compiled loops (taps_loops: float32,
-    the channel count a multiple of its tile, the filter count of its tile)."""
+    the channel count a multiple of its tile, the filter count of its tile; from
+    conv_gemm.PARALLEL_MIN_MACS multiply-adds, as ``_compiled_taps``)."""
+    _, groups, rows, cin = xs.shape
     return (
         jit.available()
+        and rows * groups * cin * dys.shape[2] >= conv_gemm.PARALLEL_MIN_MACS
         and xs.dtype == dys.dtype == np.float32
-        and xs.shape[3] % taps_loops.CHANNELS == 0
+        and xs.shape[3] % taps_loops.CHANNELS[taps_loops.TILE] == 0
         and dys.shape[2] % taps_loops.TILE == 0
         and xs.flags.c_contiguous
         and dys[0].flags.c_contiguous

@@ -91,6 +91,24 @@ def _at(base: str, k: int) -> str:
     return f"{base} + k{k}" if k else base
 
 
+def _stores(indent: str, count: int, tile: int, target: str, op: str) -> list[str]:
+    """``target[ob + o_i + k] op s_i_k`` for each accumulator of the tile."""
+    lines = []
+    for i in range(count):
+        row = f"ob + o{i}" if i else "ob"
+        lines += [f"{indent}{target}[{_at(row, k)}] {op} s{i}_{k}" for k in range(tile)]
+    return lines
+
+
+def _updates(inner: str, count: int, tile: int, load: str) -> list[str]:
+    """For each row i of the tile: ``v = <load(i)>`` and ``s_i_k += v * w_k``."""
+    lines = []
+    for i in range(count):
+        lines.append(f"{inner}v = {load(i)}")
+        lines += [f"{inner}s{i}_{k} += v * w{k}" for k in range(tile)]
+    return lines
+
+
 def _sums_tile(tile: int, rows: int, indent: str) -> list[str]:
     lines = [f"{indent}ob = (o0 + r) * cout + j0", f"{indent}if c0 == u(0):"]
     lines += [f"{indent}    s{i}_{k} = np.float32(0.0)" for i in range(rows) for k in range(tile)]
@@ -106,12 +124,8 @@ def _sums_tile(tile: int, rows: int, indent: str) -> list[str]:
     ]
     inner = indent + "        "
     lines += [f"{inner}w{k} = w[{_at('wb', k)}]" for k in range(tile)]
-    for i in range(rows):
-        lines.append(f"{inner}v = src[a + c{i} + c]" if i else f"{inner}v = src[a + c]")
-        lines += [f"{inner}s{i}_{k} += v * w{k}" for k in range(tile)]
-    for i in range(rows):
-        row = f"ob + o{i}" if i else "ob"
-        lines += [f"{indent}out[{_at(row, k)}] = s{i}_{k}" for k in range(tile)]
+    lines += _updates(inner, rows, tile, lambda i: f"src[a + c{i} + c]" if i else "src[a + c]")
+    lines += _stores(indent, rows, tile, "out", "=")
     lines.append(f"{indent}r += u({rows})")
     return lines
 
@@ -164,12 +178,8 @@ def _grads(tile: int, channels: int) -> list[str]:
     inner = body + "    "
     lines += [f"{inner}w{k} = dy[{_at('db', k)}]" for k in range(tile)]
     lines.append(f"{inner}ar = a + r * cin")
-    for i in range(channels):
-        lines.append(f"{inner}v = src[ar + k{i}]" if i else f"{inner}v = src[ar]")
-        lines += [f"{inner}s{i}_{k} += v * w{k}" for k in range(tile)]
-    for i in range(channels):
-        row = f"ob + o{i}" if i else "ob"
-        lines += [f"{body}flat[{_at(row, k)}] += s{i}_{k}" for k in range(tile)]
+    lines += _updates(inner, channels, tile, lambda i: f"src[ar + k{i}]" if i else "src[ar]")
+    lines += _stores(body, channels, tile, "flat", "+=")
     return lines
 
 

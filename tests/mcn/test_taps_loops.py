@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import harness.mcn.kernels.conv_rows as conv_rows
 from harness.mcn.kernels import jit, taps_codegen, taps_loops
 
-from .test_kernels_paths import _check_conv, _spy, conv_cases, forced
+from .test_kernels_paths import Case, _check_conv, _close, _spy, conv_cases, conv_definition, forced
 
 pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
 
@@ -161,16 +161,72 @@ def test_conv_through_the_compiled_loops_matches_the_definition(
         taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))
         _check_conv(case, np.float32)
     direct = case.pad == (0, 0, 0, 0) and case.fshape[:2] == case.xshape[:2]  # conv_direct's case
-    if (case.stride[1] == 1 or case.dilate == (1, 1)) and not direct:  # the tap products apply
+    phased = case.stride != (1, 1) and case.dilate == (1, 1)
+    if (case.stride[1] == 1 or phased) and not direct:  # the tap products apply
         assert "tap_sums" in taken
+        # the filter derivative runs on whole blocks of rows: at row stride 1 when forced, or on phases
+        if phased or (path == "rows-whole" and case.stride[0] == 1):
+            assert "tap_grads" in taken
+
+
+@pytest.mark.parametrize(
+    ("xshape", "fshape", "pad", "stride", "dilate"),
+    [
+        ((7, 6, 32, 2), (3, 3, 32, 48), (1, 1, 1, 1), (1, 1), (1, 1)),  # the turned correlation
+        ((8, 7, 32, 3), (3, 3, 32, 48), (1, 0, 1, 2), (2, 2), (1, 1)),  # phase by phase
+        ((9, 9, 32, 1), (3, 2, 32, 48), (2, 2, 1, 1), (1, 1), (2, 2)),  # dilated
+        ((6, 6, 64, 2), (3, 3, 32, 96), (1, 1, 1, 1), (1, 1), (1, 1)),  # two groups
+    ],
+)
+def test_the_data_derivative_through_the_compiled_sums(xshape, fshape, pad, stride, dilate):
+    """32 channels per group and 48 filters: only the data derivative's sums (the filters
+    turned, 32 wide) can take the compiled loop, and they do, matching the definition."""
+    case = Case(xshape, fshape, pad, stride, dilate, 11)
+    with forced("rows-whole", two_threads=True, small_blocks=True) as m:
+        taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))
+        _check_conv(case, np.float32)
+    assert set(taken) == {"tap_sums"}
+
+
+@pytest.mark.parametrize("upsample", [(1, 1), (2, 2), (2, 1)])
+def test_convt_through_the_compiled_sums(upsample):
+    """vl_nnconvt's forward is a data derivative: with 32 output channels per group it runs
+    on the compiled sums, and matches the definition."""
+    from harness.mcn import vl_nnconvt
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 6, 48, 2)).astype(np.float32)
+    f = rng.standard_normal((3, 3, 32, 48)).astype(np.float32)
+    crop = (1, 0, 0, 1)
+    with forced("rows-whole", two_threads=True, small_blocks=False) as m:
+        taken = _spy(m, taps_loops, ("tap_sums",))
+        y = vl_nnconvt(x, f, None, upsample=upsample, crop=crop)
+    assert "tap_sums" in taken
+    hy = (5 - 1) * upsample[0] - 1 + 3
+    wy = (6 - 1) * upsample[1] - 1 + 3
+    want, _, _ = conv_definition(np.zeros((hy, wy, 32, 2)), f, None, x, crop, upsample, (1, 1))
+    _close(y, want, np.float32, "y")
+
+
+def test_first_use_leaves_numbas_settings_as_they_were():
+    """The SLP vectorizer is on only while a ``contract`` loop compiles."""
+    import numba
+
+    def double(a):  # noqa: ANN001, ANN202
+        for i in range(a.shape[0]):
+            a[i] = a[i] * 2
+        return a
+
+    before = numba.core.config.SLP_VECTORIZE
+    loop = jit.Compiled(double, contract=True)
+    np.testing.assert_array_equal(loop(np.arange(4.0, dtype=np.float32)), [0, 2, 4, 6])
+    assert numba.core.config.SLP_VECTORIZE == before
 
 
 def test_compiled_loops_are_taken_only_where_they_apply(monkeypatch):
     """float32 and 32 filters: both loops; float64 or 48 filters: the BLAS; 256 filters
     (wider than TAP_SUMS_MAX_FILTERS) or deeper than TAP_SUMS_MAX_DEPTH: the filter
     derivative's loop only (the results checked against the definition each time)."""
-    from .test_kernels_paths import Case
-
     case = Case((8, 8, 16, 2), (3, 3, 16, 32), (1, 1, 1, 1), (1, 1), (1, 1), 3)
     for dtype, fshape, expect in [
         (np.float32, (3, 3, 16, 32), {"tap_sums", "tap_grads"}),

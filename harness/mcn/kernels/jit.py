@@ -65,31 +65,30 @@ class Compiled:
         self._impl: Callable[..., Any] | None = None
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
-    def _compile(self, args: tuple[Any, ...]) -> Any:
-        """Compile (or load from the cache) and make the first call, under the lock: the SLP
-        setting is numba's, process-wide, and read when a function is compiled."""
+    def _compile(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        """Compile for the types of ``args`` (or load that from numba's cache) under the lock,
+        and return the compiled function; the call itself runs outside the lock. The SLP
+        setting is numba's, process-wide, read while a function compiles: it is on only
+        for the duration of this compilation."""
         with _lock:
-            if self._impl is not None:
-                return self._impl(*args)
-            numba = _numba()
-            options: dict[str, Any] = {"nogil": True}
-            if self.contract:
-                options["fastmath"] = {"contract"}
-            try:
-                impl = numba.njit(cache=True, **options)(self.fn)
-            except RuntimeError:  # no writable cache directory: compile in each process
-                impl = numba.njit(**options)(self.fn)
-            config = numba.core.config
-            saved = config.SLP_VECTORIZE
-            config.SLP_VECTORIZE = 1 if self.contract else saved
-            try:
-                result = impl(*args)
-            finally:
-                config.SLP_VECTORIZE = saved
-            self._impl = impl
-            return result
+            if self._impl is None:
+                numba = _numba()
+                options: dict[str, Any] = {"nogil": True}
+                if self.contract:
+                    options["fastmath"] = {"contract"}
+                try:
+                    impl = numba.njit(cache=True, **options)(self.fn)
+                except RuntimeError:  # no writable cache directory: compile in each process
+                    impl = numba.njit(**options)(self.fn)
+                config = numba.core.config
+                saved = config.SLP_VECTORIZE
+                config.SLP_VECTORIZE = 1 if self.contract else saved
+                try:
+                    impl.compile(tuple(numba.typeof(a) for a in args))
+                finally:
+                    config.SLP_VECTORIZE = saved
+                self._impl = impl
+            return self._impl
 
     def __call__(self, *args: Any) -> Any:
-        if self._impl is None:
-            return self._compile(args)
-        return self._impl(*args)
+        return (self._impl or self._compile(args))(*args)

@@ -223,6 +223,24 @@ def test_first_use_leaves_numbas_settings_as_they_were():
     assert numba.core.config.SLP_VECTORIZE == before
 
 
+def test_a_loop_numba_cannot_compile_leaves_the_blas(monkeypatch):
+    """If numba fails to compile a tap loop, the convolution keeps the BLAS path (and its
+    results), instead of raising from inside numba."""
+
+    def broken(*args):  # noqa: ANN002, ANN202 - numba cannot type object()
+        return object()
+
+    for loops in (taps_loops._sums, taps_loops._grads):
+        for tile in list(loops):
+            monkeypatch.setitem(loops, tile, jit.Compiled(broken, contract=True))
+    case = Case((8, 8, 16, 2), (3, 3, 16, 64), (1, 1, 1, 1), (1, 1), (1, 1), 3)
+    with forced("rows-whole", two_threads=False, small_blocks=False) as m:
+        taken = _spy(m, taps_loops, ("tap_sums", "tap_grads"))
+        _check_conv(case, np.float32)
+    assert taken == []
+    assert not taps_loops.usable(False, 16, 64)
+
+
 def test_compiled_loops_are_taken_only_where_they_apply(monkeypatch):
     """float32 and 32 filters: both loops; float64 or 48 filters: the BLAS; 256 filters
     (wider than TAP_SUMS_MAX_FILTERS) or deeper than TAP_SUMS_MAX_DEPTH: the filter

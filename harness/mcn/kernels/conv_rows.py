@@ -224,6 +224,7 @@ def _compiled_taps(src: np.ndarray, wt: np.ndarray) -> bool:
         and cout <= TAP_SUMS_MAX_FILTERS
         and src.flags.c_contiguous
         and wt.flags.c_contiguous
+        and taps_loops.usable(False, cin, cout)
     )
 
 
@@ -240,6 +241,7 @@ def _compiled_grads(xs: np.ndarray, dys: np.ndarray) -> bool:
         and dys.shape[2] % taps_loops.TILE == 0
         and xs.flags.c_contiguous
         and dys[0].flags.c_contiguous
+        and taps_loops.usable(True, cin, dys.shape[2])
     )
 
 

@@ -22,6 +22,7 @@ may fuse a product into the addition that follows it (``fastmath={"contract"}``,
 rounding instead of two; still no reassociation), and are compiled with numba's SLP
 vectorizer on (off by default), which turns their named accumulators into vector
 registers. Their results are compared with the BLAS's within tolerances, not bit for bit.
+Their callers ask ``Compiled.compiles`` first and keep the BLAS when numba fails.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Compiled:
     def __init__(self, fn: Callable[..., Any], *, contract: bool = False) -> None:
         self.fn, self.contract = fn, contract
         self._impl: Callable[..., Any] | None = None
+        self._failed = False
         self.__doc__, self.__name__ = fn.__doc__, fn.__name__
 
     def _compile(self, args: tuple[Any, ...]) -> Callable[..., Any]:
@@ -89,6 +91,16 @@ class Compiled:
                     config.SLP_VECTORIZE = saved
                 self._impl = impl
             return self._impl
+
+    def compiles(self, *args: Any) -> bool:
+        """Whether the loop compiles for the types of ``args`` (compiling it now, if not yet):
+        for callers with another path to take when it does not. A failure is remembered."""
+        if self._impl is None and not self._failed:
+            try:
+                self._compile(args)
+            except Exception:  # noqa: BLE001 - numba's or LLVM's errors, memory: any failure
+                self._failed = True
+        return self._impl is not None
 
     def __call__(self, *args: Any) -> Any:
         return (self._impl or self._compile(args))(*args)

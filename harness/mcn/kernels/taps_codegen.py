@@ -69,7 +69,7 @@ import numpy as np
 
 from harness.mcn.kernels.jit import Compiled
 
-__all__ = ["CHANNELS", "ROWS", "TILE", "WIDE", "tap_grads", "tap_sums"]
+__all__ = ["CHANNELS", "ROWS", "TILE", "WIDE", "tap_grads", "tap_sums", "usable"]
 
 ROWS = {rows}
 TILE = {tile}
@@ -193,6 +193,17 @@ _grads = {{
     {TILE}: Compiled(_tap_grads_{TILE}, contract=True),
     {WIDE}: Compiled(_tap_grads_{WIDE}, contract=True),
 }}
+
+
+def usable(grads: bool, cin: int, cout: int) -> bool:
+    """Whether the loop that tap_grads (``grads``) or tap_sums runs for these sizes compiles
+    (on its first use, which this makes): if numba fails, the callers keep the BLAS."""
+    f, u = np.zeros(1, np.float32), np.zeros(1, np.uint64)
+    if grads:
+        wide = cout % {WIDE} == 0 and cin % CHANNELS[{WIDE}] == 0
+        out = np.zeros((1, 1, 1), np.float32)
+        return _grads[{WIDE} if wide else {TILE}].compiles(f, u, f, 0, 0, out, 1, 1)
+    return _sums[{WIDE} if cout % {WIDE} == 0 else {TILE}].compiles(f, u, f, f, 0, 0, 1, 1, 1)
 
 
 def _check(ok: bool, what: str) -> None:

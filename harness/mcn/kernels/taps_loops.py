@@ -47,7 +47,7 @@ import numpy as np
 
 from harness.mcn.kernels.jit import Compiled
 
-__all__ = ["CHANNELS", "ROWS", "TILE", "WIDE", "tap_grads", "tap_sums"]
+__all__ = ["CHANNELS", "ROWS", "TILE", "WIDE", "tap_grads", "tap_sums", "usable"]
 
 ROWS = 4
 TILE = 32
@@ -4120,6 +4120,17 @@ _grads = {
     32: Compiled(_tap_grads_32, contract=True),
     64: Compiled(_tap_grads_64, contract=True),
 }
+
+
+def usable(grads: bool, cin: int, cout: int) -> bool:
+    """Whether the loop that tap_grads (``grads``) or tap_sums runs for these sizes compiles
+    (on its first use, which this makes): if numba fails, the callers keep the BLAS."""
+    f, u = np.zeros(1, np.float32), np.zeros(1, np.uint64)
+    if grads:
+        wide = cout % 64 == 0 and cin % CHANNELS[64] == 0
+        out = np.zeros((1, 1, 1), np.float32)
+        return _grads[64 if wide else 32].compiles(f, u, f, 0, 0, out, 1, 1)
+    return _sums[64 if cout % 64 == 0 else 32].compiles(f, u, f, f, 0, 0, 1, 1, 1)
 
 
 def _check(ok: bool, what: str) -> None:

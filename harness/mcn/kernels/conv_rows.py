@@ -162,23 +162,15 @@ def _taps_pass(
     if _compiled_taps(src, wt):
         flat, cin = src.reshape(-1), src.shape[3]
         # channels per span: the span's weights for one tile of filters within TAP_WEIGHTS_BYTES
-        tile = taps_loops.WIDE if cout % taps_loops.WIDE == 0 else taps_loops.TILE
-        most = max(1, TAP_WEIGHTS_BYTES // (len(offsets) * tile * src.itemsize))
+        most = max(1, TAP_WEIGHTS_BYTES // (len(offsets) * taps_loops.sums_tile(cout) * src.itemsize))
         spans = -(-cin // most)
         span = -(-cin // spans)
-        # where tap t's rows start, in elements of the flat array, for group q
-        starts = [
-            [
-                ((p * groups + q) * src.shape[2] + off * n) * cin
-                for p, off in zip(phases, offsets, strict=True)
-            ]
-            for q in range(groups)
-        ]
+        starts = _tap_starts(src, phases, offsets, n)
 
         def compiled(q: int, rows: slice, worker: int) -> None:
             r = rows.stop - rows.start
             buf = scratch.get(worker)[: r * row * cout]
-            w, tap0 = wt[q].reshape(-1), np.array(starts[q], np.uint64)
+            w, tap0 = wt[q].reshape(-1), starts[q]
             if whole:
                 taps_loops.tap_sums(flat, tap0 + rows.start * row * cin, w, buf, 0, r * row, cin, cout, span)
             else:
@@ -205,6 +197,20 @@ def _taps_pass(
         epilogue(q, rows, buf.reshape(r, src_w, n, cout))
 
     return [partial(task, q, rows) for q in range(groups) for rows in blocks]
+
+
+def _tap_starts(src: np.ndarray, phases: list[int], offsets: list[int], n: int) -> list[np.ndarray]:
+    """Per group q, where each tap's rows start in ``src.reshape(-1)`` (``src`` being
+    ``(P, G, rows, cin)``; tap t reads grid ``phases[t]`` shifted by ``offsets[t]`` pixels of
+    ``n`` rows), as the compiled loops take them (uint64)."""
+    _, groups, rows, cin = src.shape
+    return [
+        np.array(
+            [((p * groups + q) * rows + off * n) * cin for p, off in zip(phases, offsets, strict=True)],
+            np.uint64,
+        )
+        for q in range(groups)
+    ]
 
 
 def _compiled_taps(src: np.ndarray, wt: np.ndarray) -> bool:
@@ -237,7 +243,7 @@ def _compiled_grads(xs: np.ndarray, dys: np.ndarray) -> bool:
         jit.available()
         and rows * groups * cin * dys.shape[2] >= conv_gemm.PARALLEL_MIN_MACS
         and xs.dtype == dys.dtype == np.float32
-        and xs.shape[3] % taps_loops.CHANNELS[taps_loops.TILE] == 0
+        and cin % taps_loops.CHANNELS[taps_loops.TILE] == 0
         and dys.shape[2] % taps_loops.TILE == 0
         and xs.flags.c_contiguous
         and dys[0].flags.c_contiguous
@@ -283,15 +289,10 @@ def _taps_filter_grad(
     sums = np.empty((len(parts), groups, taps, cin, cout), xs.dtype)
 
     if whole and _compiled_grads(xs, dys):
-        flat = xs.reshape(-1)
-        # where tap t's rows start, in elements of the flat array, for group q
-        starts = [
-            [((p * groups + q) * xs.shape[2] + off * n) * cin for p, off in zip(phases, offsets, strict=True)]
-            for q in range(groups)
-        ]
+        flat, starts = xs.reshape(-1), _tap_starts(xs, phases, offsets, n)
 
         def compiled(p: int, q: int, ks: slice, worker: int) -> None:
-            d, out, tap0 = dys[q].reshape(-1), sums[p, q, ks], np.array(starts[q][ks], np.uint64)
+            d, out, tap0 = dys[q].reshape(-1), sums[p, q, ks], starts[q][ks]
             out.fill(0)
             for rows in parts[p]:
                 m, s = (rows.stop - rows.start) * xs_w * n, rows.start * xs_w * n

@@ -69,7 +69,7 @@ import numpy as np
 
 from harness.mcn.kernels.jit import Compiled
 
-__all__ = ["CHANNELS", "ROWS", "TILE", "WIDE", "tap_grads", "tap_sums", "usable"]
+__all__ = ["CHANNELS", "ROWS", "TILE", "WIDE", "grads_tile", "sums_tile", "tap_grads", "tap_sums", "usable"]
 
 ROWS = {rows}
 TILE = {tile}
@@ -195,15 +195,24 @@ _grads = {{
 }}
 
 
+def sums_tile(cout: int) -> int:
+    """Filters per tile of tap_sums for ``cout`` filters."""
+    return {WIDE} if cout % {WIDE} == 0 else {TILE}
+
+
+def grads_tile(cin: int, cout: int) -> int:
+    """Filters per tile of tap_grads for ``cin`` channels and ``cout`` filters."""
+    return {WIDE} if cout % {WIDE} == 0 and cin % CHANNELS[{WIDE}] == 0 else {TILE}
+
+
 def usable(grads: bool, cin: int, cout: int) -> bool:
     """Whether the loop that tap_grads (``grads``) or tap_sums runs for these sizes compiles
     (on its first use, which this makes): if numba fails, the callers keep the BLAS."""
     f, u = np.zeros(1, np.float32), np.zeros(1, np.uint64)
     if grads:
-        wide = cout % {WIDE} == 0 and cin % CHANNELS[{WIDE}] == 0
         out = np.zeros((1, 1, 1), np.float32)
-        return _grads[{WIDE} if wide else {TILE}].compiles(f, u, f, 0, 0, out, 1, 1)
-    return _sums[{WIDE} if cout % {WIDE} == 0 else {TILE}].compiles(f, u, f, f, 0, 0, 1, 1, 1)
+        return _grads[grads_tile(cin, cout)].compiles(f, u, f, 0, 0, out, 1, 1)
+    return _sums[sums_tile(cout)].compiles(f, u, f, f, 0, 0, 1, 1, 1)
 
 
 def _check(ok: bool, what: str) -> None:
@@ -220,19 +229,18 @@ def tap_sums(src, bases, w, out, o0, m, cin, cout, span):  # noqa: ANN001, ANN20
     reach = int(bases.max(initial=0)) + m * cin if m else 0
     _check(reach <= src.size and w.size == bases.size * cin * cout, "src or w too small")
     _check((o0 + m) * cout <= out.size, "out too small")
-    _sums[{WIDE} if cout % {WIDE} == 0 else {TILE}](src, bases, w, out, o0, m, cin, cout, span)
+    _sums[sums_tile(cout)](src, bases, w, out, o0, m, cin, cout, span)
 
 
 def tap_grads(src, bases, dy, d0, m, out, cin, cout):  # noqa: ANN001, ANN201
     """See the module's docstring (tiles of {WIDE} filters when ``cout`` is a multiple and
     ``cin`` one of CHANNELS[{WIDE}])."""
-    wide = cout % {WIDE} == 0 and cin % CHANNELS[{WIDE}] == 0
-    narrow = cout % {TILE} == 0 and cin % CHANNELS[{TILE}] == 0
-    _check(wide or narrow, "cin or cout not a multiple of the tile")
+    tile = grads_tile(cin, cout)
+    _check(cout % tile == 0 and cin % CHANNELS[tile] == 0, "cin or cout not a multiple of the tile")
     reach = int(bases.max(initial=0)) + m * cin if m else 0
     _check(m >= 0 and d0 >= 0 and reach <= src.size and (d0 + m) * cout <= dy.size, "src or dy too small")
     _check(out.shape == (bases.size, cin, cout) and out.flags.c_contiguous, "out is not (taps, cin, cout)")
-    _grads[{WIDE} if wide else {TILE}](src, bases, dy, d0, m, out, cin, cout)
+    _grads[tile](src, bases, dy, d0, m, out, cin, cout)
 '''
 
 
